@@ -1,0 +1,89 @@
+"""The sink protocol every output follows, and the registry that finds them.
+
+Modelled on OpenTelemetry's exporters (``export()`` returns a result,
+``force_flush()``, ``shutdown()``) and falcosidekick's outputs (a minimum
+severity per output, one file per target). The pipeline commits Kafka offsets
+only after every sink returned ``SUCCESS`` for a batch's findings, so a sink
+must return ``SUCCESS`` only once the findings are delivered or durably spooled.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from enum import Enum
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from agent.findings import Finding, Severity
+
+
+class ExportResult(Enum):
+    SUCCESS = 0
+    FAILURE = 1  # nothing of this call is known delivered; the caller retries the whole call
+
+
+class SinkConfigurationError(RuntimeError):
+    """Raised by ``export()`` when retrying cannot help (rejected credentials, wrong URL).
+
+    The delivery layer stops calling that sink, keeps its findings in the spool
+    and reports the reason, instead of retrying forever or dropping findings.
+    """
+
+
+class SinkOptions(BaseModel):
+    """Options every sink has; each sink subclasses this with its own, with ``type`` a Literal."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: str
+    name: str | None = None
+    min_severity: Severity = Severity.INFORMATIONAL
+
+    @field_validator("min_severity", mode="before")
+    @classmethod
+    def _severity(cls, v: Any) -> Severity:
+        return Severity.parse(v)
+
+
+class Sink(ABC):
+    """Base class of all sinks."""
+
+    type_name: ClassVar[str]
+    Options: ClassVar[type[SinkOptions]]
+
+    def __init__(self, options: SinkOptions):
+        self.options = options
+        self.name = options.name or options.type
+
+    def accepts(self, finding: Finding) -> bool:
+        return finding.severity >= self.options.min_severity
+
+    @abstractmethod
+    def export(self, findings: Sequence[Finding]) -> ExportResult:
+        """Deliver (or durably spool) these findings. Already filtered by ``min_severity``."""
+
+    def force_flush(self, timeout_s: float = 10.0) -> bool:
+        """Push out anything buffered; True when nothing is left pending."""
+        return True
+
+    def shutdown(self) -> None:  # noqa: B027
+        """Flush and release resources; no export after this."""
+
+
+def registry() -> dict[str, type[Sink]]:
+    """Every concrete sink under ``connectors/``, by its ``type_name``."""
+    import connectors
+
+    found: dict[str, type[Sink]] = {}
+    for info in pkgutil.iter_modules(connectors.__path__):
+        if info.name.startswith("_") or info.name == "sink":
+            continue
+        module = importlib.import_module(f"connectors.{info.name}")
+        for obj in vars(module).values():
+            if (isinstance(obj, type) and issubclass(obj, Sink) and obj is not Sink
+                    and not getattr(obj, "__abstractmethods__", None) and obj.__module__ == module.__name__):
+                found[obj.type_name] = obj
+    return found

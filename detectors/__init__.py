@@ -1,0 +1,1 @@
+"""Detectors: one file per detector, all following :mod:`detectors.base`."""
