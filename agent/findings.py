@@ -104,7 +104,7 @@ class Finding:
     def uid(self) -> str:
         """Stable id: same detector, actor, model and window give the same uid."""
         key = "\x1f".join((self.detector, self.actor or "", self.model or "", self.window))
-        return "iw-" + hashlib.sha256(key.encode()).hexdigest()[:32]
+        return "iw-" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
     @property
     def dedup_key(self) -> str:

@@ -83,7 +83,12 @@ def registry() -> dict[str, type[Sink]]:
             continue
         module = importlib.import_module(f"connectors.{info.name}")
         for obj in vars(module).values():
-            if (isinstance(obj, type) and issubclass(obj, Sink) and obj is not Sink
-                    and not getattr(obj, "__abstractmethods__", None) and obj.__module__ == module.__name__):
+            if (
+                isinstance(obj, type)
+                and issubclass(obj, Sink)
+                and obj is not Sink
+                and not getattr(obj, "__abstractmethods__", None)
+                and obj.__module__ == module.__name__
+            ):
                 found[obj.type_name] = obj
     return found
