@@ -25,17 +25,17 @@ from connectors.sink import registry as sink_registry
 log = logging.getLogger(__name__)
 
 
-def build_decoder(cfg: AgentConfig, input_dim: int | None):
+def build_decoder(cfg: AgentConfig, input_dim: int | None, n_classes: int | None = None):
     src = cfg.source
     if src.format == "kserve":
         return KServeDecoder(KServeSpec(
             request_topics=frozenset(src.topics.kserve_request), response_topics=frozenset(src.topics.kserve_response),
             input_dim=input_dim, max_record_bytes=src.max_record_bytes, client_header=src.kserve_client_header,
-            join_ttl_s=src.kserve_join_ttl_s, model=cfg.model.name,
+            join_ttl_s=src.kserve_join_ttl_s, model=cfg.model.name, n_classes=n_classes,
         ))
     return NativeDecoder(DecodeSpec(
         inference_topics=frozenset(src.topics.inference), feedback_topics=frozenset(src.topics.feedback),
-        input_dim=input_dim, max_record_bytes=src.max_record_bytes, model=cfg.model.name,
+        input_dim=input_dim, max_record_bytes=src.max_record_bytes, model=cfg.model.name, n_classes=n_classes,
     ))
 
 
@@ -73,8 +73,8 @@ def build_pipeline(cfg: AgentConfig) -> Pipeline:
         dead = KafkaDeadLetters(cfg.kafka, cfg.deadletter.topic, cfg.deadletter.max_value_bytes)
     source = build_source(cfg)
     telemetry = Telemetry(cfg.telemetry_options, cfg.source.group_id)
-    pipeline = Pipeline(source, build_decoder(cfg, context.input_dim), detectors, delivery, dead, telemetry,
-                        checkpoint)
+    decoder = build_decoder(cfg, context.input_dim, context.n_classes)
+    pipeline = Pipeline(source, decoder, detectors, delivery, dead, telemetry, checkpoint)
     # Gauges read cached values: kafka-python clients must not be touched from the metrics thread.
     telemetry.observe_lag(lambda: dict(pipeline.last_lag))
     telemetry.observe_sink_queue(delivery.queue_depths)

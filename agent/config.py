@@ -63,7 +63,8 @@ class SourceOptions(_Strict):
     inference_path: Path | None = None
     feedback_path: Path | None = None
     # kserve format
-    kserve_client_header: str = "ce_source"
+    # header naming the caller; None = the decoder's defaults (x-client-id, then the right-most X-Forwarded-For)
+    kserve_client_header: str | None = None
     kserve_join_ttl_s: float = Field(30.0, gt=0)
 
     @model_validator(mode="after")

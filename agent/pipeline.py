@@ -10,13 +10,14 @@ findings are offered again after a back-off; the source is not polled meanwhile
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from agent.findings import Finding
-from agent.records import DecodedBatch, RawRecord
+from agent.records import DecodedBatch, RawRecord, merge_decoded
 from connectors.deadletter import reason_kind
 from detectors.base import Detector
 
@@ -55,14 +56,21 @@ class Pipeline:
         self.stopping = False
         self.last_lag: dict[TP, int] = {}
         self._lag_at = 0.0
+        self._expired_at = time.monotonic()
+        self._read_up_to: dict[TP, int] = {}
 
-    def step(self) -> int:
-        """Process one polled batch end to end; returns the number of records consumed."""
-        records = self.source.poll()                                         # source
-        if not records:
+    def step(self, final: bool = False) -> int:
+        """Process one polled batch end to end; returns the number of records consumed.
+
+        ``final``: poll nothing, release every KServe half still waiting for its partner (end of a batch run).
+        """
+        records = [] if final else self.source.poll()                        # source
+        expired = self.expire_joins(math.inf if final else None)
+        if not records and expired is None:
             return 0
         with self.telemetry.batch(records) as scope:
             decoded = self.decoder.decode(records)                           # decode
+            decoded = merge_decoded(decoded, expired) if expired else decoded
             self.deadletters.send(decoded.dead)                              # dead letters, own path
             self.observe(decoded, scope)
             findings = self.detect(decoded, scope)                           # detect
@@ -87,6 +95,15 @@ class Pipeline:
             scope.finding(f)
         return findings
 
+    def expire_joins(self, now: float | None = None) -> DecodedBatch | None:
+        """KServe halves that waited past the join timeout (a request alone is still monitored)."""
+        expire = getattr(self.decoder, "expire", None)
+        if expire is None or (now is None and time.monotonic() - self._expired_at < 1.0):
+            return None
+        self._expired_at = time.monotonic()
+        out = expire(now)
+        return out if (out.n_events or out.dead) else None
+
     def observe(self, decoded: DecodedBatch, scope: Any) -> None:
         scope.events(len(decoded.inference or ()), len(decoded.feedback or ()))
         kinds: dict[str, int] = {}
@@ -107,16 +124,13 @@ class Pipeline:
             delay = min(delay * 2, 10.0)
 
     def next_offsets(self, records: list[RawRecord]) -> dict[TP, int]:
-        """Per partition, the offset after the last record, held back by records still waiting to be joined."""
-        out: dict[TP, int] = {}
+        """Per partition, the offset after the last record read, held back by records still waiting to be joined."""
         for r in records:
             tp = (r.topic, r.partition)
-            out[tp] = max(out.get(tp, 0), r.offset + 1)
+            self._read_up_to[tp] = max(self._read_up_to.get(tp, 0), r.offset + 1)
         pending = getattr(self.decoder, "pending_offsets", None)
-        for tp, first_waiting in (pending() if pending else {}).items():
-            if tp in out:
-                out[tp] = min(out[tp], first_waiting)
-        return out
+        waiting = pending() if pending else {}
+        return {tp: min(end, waiting.get(tp, end)) for tp, end in self._read_up_to.items()}
 
     def count(self, records: list[RawRecord], decoded: DecodedBatch, findings: list[Finding]) -> None:
         c = self.counters
@@ -139,6 +153,7 @@ class Pipeline:
                 if self.step():
                     idle_since = time.monotonic()
                 elif until_idle_s is not None and time.monotonic() - idle_since >= until_idle_s:
+                    self.step(final=True)
                     break
         finally:
             self.close()

@@ -128,3 +128,31 @@ def empty_inference(dim: int) -> InferenceBatch:
         ids=(), ts=np.zeros(0), models=(), model_versions=(), clients=(),
         X=np.zeros((0, dim), np.float32), probs=None, labels=np.zeros(0, np.int64),
     )
+
+
+def _concat_probs(a: InferenceBatch, b: InferenceBatch) -> np.ndarray | None:
+    if a.probs is None and b.probs is None:
+        return None
+    k = (a.probs if a.probs is not None else b.probs).shape[1]
+    pa = a.probs if a.probs is not None else np.full((len(a), k), np.nan, np.float32)
+    pb = b.probs if b.probs is not None else np.full((len(b), k), np.nan, np.float32)
+    return np.concatenate([pa, pb]) if pa.shape[1] == pb.shape[1] else None
+
+
+def concat_inference(a: InferenceBatch | None, b: InferenceBatch | None) -> InferenceBatch | None:
+    """Rows of ``a`` then ``b`` (used to add KServe halves released by a join timeout)."""
+    if a is None or len(a) == 0:
+        return b
+    if b is None or len(b) == 0:
+        return a
+    tp = (a.traceparents or (None,) * len(a)) + (b.traceparents or (None,) * len(b))
+    return InferenceBatch(ids=a.ids + b.ids, ts=np.concatenate([a.ts, b.ts]), models=a.models + b.models,
+                          model_versions=a.model_versions + b.model_versions, clients=a.clients + b.clients,
+                          X=np.concatenate([a.X, b.X]), probs=_concat_probs(a, b),
+                          labels=np.concatenate([a.labels, b.labels]), traceparents=tp)
+
+
+def merge_decoded(a: DecodedBatch, b: DecodedBatch) -> DecodedBatch:
+    """One batch from two: inference rows joined, feedback from either, dead letters from both."""
+    return DecodedBatch(inference=concat_inference(a.inference, b.inference),
+                        feedback=a.feedback if a.feedback is not None else b.feedback, dead=a.dead + b.dead)

@@ -49,15 +49,17 @@ class KafkaDeadLetters:
         self.topic = topic
         self.max_value_bytes = max_value_bytes
         self.counts: Counter[str] = Counter()
-        self._producer = KafkaProducer(acks="all", linger_ms=20, max_request_size=max(1 << 20, max_value_bytes * 2),
-                                       **kafka.client_kwargs())
+        self._producer = KafkaProducer(
+            acks="all", linger_ms=20, max_request_size=max(1 << 20, max_value_bytes * 2), **kafka.client_kwargs()
+        )
 
     def send(self, dead: Sequence[DeadLetter]) -> None:
         for d in dead:
             value = d.record.value or b""
             truncated = len(value) > self.max_value_bytes
-            self._producer.send(self.topic, value[: self.max_value_bytes], key=d.record.key,
-                                headers=_headers(d, len(value), truncated))
+            self._producer.send(
+                self.topic, value[: self.max_value_bytes], key=d.record.key, headers=_headers(d, len(value), truncated)
+            )
             self.counts[reason_kind(d.reason)] += 1
 
     def flush(self, timeout_s: float = 30.0) -> None:
@@ -81,11 +83,19 @@ class FileDeadLetters:
     def send(self, dead: Sequence[DeadLetter]) -> None:
         for d in dead:
             value = d.record.value or b""
-            self._fh.write(json.dumps({
-                "reason": d.reason, "topic": d.record.topic, "partition": d.record.partition,
-                "offset": d.record.offset, "original_bytes": len(value),
-                "value_b64": base64.b64encode(value[: self.max_value_bytes]).decode(),
-            }) + "\n")
+            self._fh.write(
+                json.dumps(
+                    {
+                        "reason": d.reason,
+                        "topic": d.record.topic,
+                        "partition": d.record.partition,
+                        "offset": d.record.offset,
+                        "original_bytes": len(value),
+                        "value_b64": base64.b64encode(value[: self.max_value_bytes]).decode(),
+                    }
+                )
+                + "\n"
+            )
             self.counts[reason_kind(d.reason)] += 1
 
     def flush(self, timeout_s: float = 30.0) -> None:

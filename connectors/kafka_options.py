@@ -39,10 +39,12 @@ class KafkaOptions(BaseModel):
 
     @model_validator(mode="after")
     def _sasl(self) -> KafkaOptions:
-        if self.security_protocol.startswith("SASL") and not (self.sasl_mechanism and self.sasl_username
-                                                               and self.sasl_password):
-            raise ValueError(f"security_protocol {self.security_protocol} needs sasl_mechanism, "
-                             "sasl_username and sasl_password")
+        if self.security_protocol.startswith("SASL") and not (
+            self.sasl_mechanism and self.sasl_username and self.sasl_password
+        ):
+            raise ValueError(
+                f"security_protocol {self.security_protocol} needs sasl_mechanism, sasl_username and sasl_password"
+            )
         for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
             p = getattr(self, name)
             if p is not None and not p.is_file():

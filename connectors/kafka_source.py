@@ -24,11 +24,20 @@ TP = tuple[str, int]
 class KafkaSource:
     """Polls batches of :class:`RawRecord` from the configured topics."""
 
-    def __init__(self, kafka: KafkaOptions, topics: list[str], group_id: str, *,
-                 auto_offset_reset: str = "earliest", max_poll_records: int = 2000,
-                 poll_timeout_ms: int = 200, session_timeout_ms: int = 10_000,
-                 heartbeat_interval_ms: int = 3_000, max_poll_interval_ms: int = 300_000,
-                 fetch_max_bytes: int = 64 << 20):
+    def __init__(
+        self,
+        kafka: KafkaOptions,
+        topics: list[str],
+        group_id: str,
+        *,
+        auto_offset_reset: str = "earliest",
+        max_poll_records: int = 2000,
+        poll_timeout_ms: int = 200,
+        session_timeout_ms: int = 10_000,
+        heartbeat_interval_ms: int = 3_000,
+        max_poll_interval_ms: int = 300_000,
+        fetch_max_bytes: int = 64 << 20,
+    ):
         self.topics = list(dict.fromkeys(topics))
         self.group_id = group_id
         self.poll_timeout_ms = poll_timeout_ms
@@ -53,19 +62,28 @@ class KafkaSource:
         out: list[RawRecord] = []
         for tp, recs in polled.items():
             for r in recs:
-                out.append(RawRecord(
-                    topic=tp.topic, partition=tp.partition, offset=r.offset, value=r.value, key=r.key,
-                    headers=tuple((k, v if isinstance(v, bytes) else bytes(v or b"")) for k, v in (r.headers or ())),
-                    timestamp_ms=r.timestamp,
-                ))
+                out.append(
+                    RawRecord(
+                        topic=tp.topic,
+                        partition=tp.partition,
+                        offset=r.offset,
+                        value=r.value,
+                        key=r.key,
+                        headers=tuple(
+                            (k, v if isinstance(v, bytes) else bytes(v or b"")) for k, v in (r.headers or ())
+                        ),
+                        timestamp_ms=r.timestamp,
+                    )
+                )
         return out
 
     def commit(self, next_offsets: Mapping[TP, int]) -> None:
         """Commit ``next_offsets`` (the offset of the next record to read, per partition)."""
         if not next_offsets:
             return
-        self._consumer.commit({TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
-                               for (t, p), o in next_offsets.items()})
+        self._consumer.commit(
+            {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in next_offsets.items()}
+        )
 
     def seek(self, offsets: Mapping[TP, int]) -> None:
         """Rewind assigned partitions (used after a failed delivery, so nothing is skipped)."""

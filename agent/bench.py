@@ -1,0 +1,271 @@
+"""``inferwatch bench``: throughput and latency against a real broker, beside the ceiling.
+
+In one run, on one embedded broker:
+
+1. **ceiling** — the same kafka-python consumer and decoder the agent uses, doing
+   nothing but consume + decode;
+2. **agent** — the whole pipeline (every detector, the file sink, commits);
+3. **each detector alone** — on the decoded batches, no broker (batch 512);
+4. **latency** — records offered at a fixed rate, time from produce to the
+   end of the batch that processed them (when their findings are delivered).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.broker import EmbeddedBroker
+from agent.device import resolve_device
+
+TOPIC = "bench.inference"
+
+
+def _reference(dim: int, n_classes: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+    """64 features: real digits. Other widths: class-conditional Gaussian blobs in [0, 1]."""
+    if dim == 64:
+        from agent.scenarios.data import load
+
+        ds = load("digits")
+        return ds.X_train, ds.y_train, ds.input_shape
+    rng = np.random.default_rng(seed)
+    centers = rng.uniform(0.2, 0.8, (n_classes, dim)).astype(np.float32)
+    y = rng.integers(0, n_classes, 3000)
+    X = np.clip(centers[y] + rng.normal(0, 0.08, (3000, dim)), 0, 1).astype(np.float32)
+    return X, y, (dim,)
+
+
+def _records(X: np.ndarray, probs: np.ndarray, n: int, seed: int = 1) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, len(X), n)
+    out = []
+    for i, r in enumerate(rows.tolist()):
+        out.append(json.dumps({"id": f"b-{i}", "ts": 0.0, "model": "bench", "client_id": f"c-{i % 500}",
+                               "input": np.round(X[r], 4).tolist(),
+                               "output": {"probs": np.round(probs[r], 4).tolist()}}).encode())
+    return out
+
+
+def _produce(bootstrap: str, topic: str, values: list[bytes]) -> float:
+    from kafka import KafkaProducer
+
+    p = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, batch_size=1 << 20, acks=1,
+                      max_request_size=32 << 20)
+    t0 = time.perf_counter()
+    for v in values:
+        p.send(topic, v)
+    p.flush()
+    p.close()
+    return time.perf_counter() - t0
+
+
+def _config(tmp: Path, bootstrap: str, group: str, device: str, detectors: list[str]) -> Path:
+    dets = "\n".join(f"  {d}: {{}}" for d in detectors)
+    path = tmp / f"{group}.yaml"
+    path.write_text(f"""
+kafka: {{bootstrap_servers: "{bootstrap}"}}
+source:
+  topics: {{inference: [{TOPIC}], feedback: [bench.feedback]}}
+  group_id: {group}
+  session_timeout_ms: 6000
+  heartbeat_interval_ms: 1000
+  max_poll_interval_ms: 3000
+  max_poll_records: 2048
+  poll_timeout_ms: 100
+  max_record_bytes: 8388608
+deadletter: {{topic: bench.deadletter}}
+artifacts: {tmp}/artifacts
+state: {{dir: {tmp}/state-{group}}}
+device: {device}
+telemetry: {{enabled: false}}
+detectors:
+{dets}
+sinks:
+  - {{type: jsonl, path: "{tmp}/findings-{group}.jsonl", fsync: false}}
+""")
+    return path
+
+
+def _drain(step, total: int, timeout_s: float = 600) -> float:
+    """Call ``step()`` until ``total`` records were consumed; seconds from the first record on."""
+    got, t_first = 0, None
+    deadline = time.monotonic() + timeout_s
+    while got < total and time.monotonic() < deadline:
+        n = step()
+        if n and t_first is None:
+            t_first = time.perf_counter()  # the clock starts once the group has joined and records flow
+        got += n
+    if got < total:
+        raise RuntimeError(f"bench: only {got} of {total} records consumed within {timeout_s} s")
+    return time.perf_counter() - (t_first or time.perf_counter())
+
+
+def run_bench(events: int = 200_000, device: str = "auto", features: int = 64, as_json: bool = False) -> int:
+    import torch
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    from agent.artifacts import enabled_detectors, load_detectors, train
+    from agent.assemble import build_decoder, build_pipeline, build_source
+    from agent.config import load_config
+    from detectors.base import registry
+
+    dev = resolve_device(device)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    X, y, shape = _reference(features)
+    tmp = Path(tempfile.mkdtemp(prefix="inferwatch-bench-"))
+    np.savez(tmp / "reference.npz", X=X.reshape(len(X), *shape), y=y)
+    names = list(registry())
+    result: dict[str, Any] = {"device": dev.type, "events": events, "features": features}
+
+    with EmbeddedBroker(log_path=tmp / "broker.log") as broker:
+        admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+        admin.create_topics([NewTopic(TOPIC, 4, 1), NewTopic("bench.feedback", 1, 1),
+                             NewTopic("bench.deadletter", 1, 1), NewTopic("bench.latency", 4, 1)])
+        admin.close()
+        cfg = load_config(_config(tmp, broker.bootstrap, "agent", device, names))
+        train(cfg, tmp / "reference.npz")
+        detectors, ctx = load_detectors(cfg)
+        probs = ctx.model.predict_proba(X) if ctx.model else np.full((len(X), 10), 0.1, np.float32)
+        values = _records(X, probs, events)
+        result["produce_s"] = round(_produce(broker.bootstrap, TOPIC, values), 2)
+
+        # 1. ceiling: consume + decode only, same consumer settings
+        ceil_cfg = load_config(_config(tmp, broker.bootstrap, "ceiling", device, names))
+        source, decoder = build_source(ceil_cfg), build_decoder(ceil_cfg, int(np.prod(shape)))
+
+        def ceiling_step() -> int:
+            recs = source.poll()
+            if recs:
+                decoder.decode(recs)
+            return len(recs)
+
+        secs = _drain(ceiling_step, events)
+        source.close()
+        result["ceiling_eps"] = round(events / secs)
+
+        # 2. the whole agent
+        pipeline = build_pipeline(cfg)
+        secs = _drain(pipeline.step, events)
+        pipeline.close()
+        result["agent_eps"] = round(events / secs)
+        result["ratio"] = round(result["agent_eps"] / result["ceiling_eps"], 3)
+
+        # 3. each detector alone on decoded batches of 512 (no broker in the loop)
+        batches = []
+        for i in range(0, min(events, 50_000), 512):
+            from agent.records import RawRecord
+
+            recs = [RawRecord(TOPIC, 0, j, v) for j, v in enumerate(values[i : i + 512], start=i)]
+            batches.append(decoder.decode(recs).inference)
+        per: dict[str, float] = {}
+        total_s = 0.0
+        for name, (cls, _opts) in enabled_detectors(cfg).items():
+            det = next(d for d in detectors if d.name == name)
+            if cls.stream != "inference":
+                continue
+            det.update(batches[0], {})  # warm-up (CUDA kernels, caches)
+            t0 = time.perf_counter()
+            for b in batches:
+                det.update(b, {})
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            total_s += dt
+            per[name] = round(sum(len(b) for b in batches) / dt)
+        result["detector_eps"] = per
+        result["detectors_together_eps"] = round(sum(len(b) for b in batches) / total_s) if total_s else None
+
+        # 4. latency at a fixed offered load
+        result["latency_ms"] = _latency(tmp, broker.bootstrap, device, names, X, probs, rate=2000, seconds=15)
+
+    if as_json:
+        print(json.dumps(result))
+    else:
+        _print(result)
+    return 0
+
+
+def _latency(tmp: Path, bootstrap: str, device: str, names: list[str], X: np.ndarray, probs: np.ndarray,
+             rate: float, seconds: float) -> dict[str, float]:
+    """Offer ``rate`` records/s; latency = batch done (findings delivered, offsets committed) - produce time."""
+    from kafka import KafkaProducer
+
+    from agent.assemble import build_pipeline
+    from agent.config import load_config
+
+    cfg_path = _config(tmp, bootstrap, "latency", device, names)
+    cfg_path.write_text(cfg_path.read_text().replace(f"inference: [{TOPIC}]", "inference: [bench.latency]"))
+    cfg = load_config(cfg_path)
+    pipeline = build_pipeline(cfg)
+    while pipeline.step() == 0 and not pipeline.source.assignment():
+        pass  # wait for the group to join before offering load
+    lat: list[float] = []
+    produced_at: dict[str, float] = {}
+    stop = threading.Event()
+
+    def offer() -> None:
+        p = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=1, acks=1)
+        n = int(rate * seconds)
+        t0 = time.time()
+        for i in range(n):
+            due = t0 + i / rate
+            if (d := due - time.time()) > 0:
+                time.sleep(d)
+            rid = f"l-{i}"
+            produced_at[rid] = time.time()
+            r = i % len(X)
+            rec = {"id": rid, "ts": time.time(), "model": "bench", "client_id": f"c{i % 200}",
+                   "input": np.round(X[r], 4).tolist(), "output": {"probs": np.round(probs[r], 4).tolist()}}
+            p.send("bench.latency", json.dumps(rec).encode())
+        p.flush()
+        stop.set()
+
+    th = threading.Thread(target=offer, daemon=True)
+    th.start()
+    seen = 0
+    orig_decode = pipeline.decoder.decode
+    batch_ids: list[str] = []
+
+    def tracking_decode(records):
+        decoded = orig_decode(records)
+        batch_ids.clear()
+        if decoded.inference is not None:
+            batch_ids.extend(decoded.inference.ids)
+        return decoded
+
+    pipeline.decoder.decode = tracking_decode  # observe which records each batch carried
+    total = int(rate * seconds)
+    deadline = time.time() + seconds + 60
+    while seen < total and time.time() < deadline:
+        if pipeline.step():
+            done = time.time()
+            lat += [(done - produced_at[i]) * 1000 for i in batch_ids if i in produced_at]
+            seen += len(batch_ids)
+    pipeline.close()
+    th.join()
+    arr = np.asarray(lat)
+    return {"offered_eps": rate, "p50": round(float(np.percentile(arr, 50)), 1),
+            "p99": round(float(np.percentile(arr, 99)), 1), "records": len(arr)}
+
+
+def _print(r: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"inferwatch bench — {r['events']} records, {r['features']} features, {r['device']}")
+    t.add_column("measure")
+    t.add_column("records/s", justify="right")
+    t.add_row("ceiling (consume + decode)", f"{r['ceiling_eps']:,}")
+    t.add_row("agent (all detectors, sink, commits)", f"{r['agent_eps']:,}  ({r['ratio']:.2f} × ceiling)")
+    for name, eps in r["detector_eps"].items():
+        t.add_row(f"detector {name} alone (batch 512)", f"{eps:,}")
+    t.add_row("detectors together (batch 512)", f"{r['detectors_together_eps']:,}")
+    lat = r["latency_ms"]
+    t.add_row(f"latency at {lat['offered_eps']:.0f}/s offered", f"p50 {lat['p50']} ms, p99 {lat['p99']} ms")
+    Console().print(t)
