@@ -218,6 +218,8 @@ def load_config(path: str | Path, environ: dict[str, str] | None = None) -> Agen
         if kind not in sinks:
             problems.append(f"{origin}: sinks[{i}].type: expected one of {', '.join(sorted(sinks))}, got {kind!r}")
             continue
+        if kind == "kafka" and "kafka" not in opts and isinstance(tree.get("kafka"), dict):
+            opts = {**opts, "kafka": tree["kafka"]}  # the alert topic lives on the source's cluster by default
         try:
             parsed = sinks[kind].Options.model_validate(opts)
         except ValidationError as exc:
@@ -236,6 +238,11 @@ def load_config(path: str | Path, environ: dict[str, str] | None = None) -> Agen
         except ValidationError as exc:
             problems += _problems(origin, (key,), exc)
 
+    overrides = tree.get("delivery", {}).get("sinks", {}) if isinstance(tree.get("delivery"), dict) else {}
+    for name in overrides if isinstance(overrides, dict) else ():
+        if name not in names:
+            problems.append(f"{origin}: delivery.sinks.{name}: no sink has this name; "
+                            f"expected one of {', '.join(sorted(names)) or '(no sinks configured)'}")
     if problems or cfg is None:
         raise ConfigError(problems)
     cfg.detector_options, cfg.sink_options = detector_options, sink_options

@@ -85,7 +85,8 @@ def run_demo(out_dir: str | Path = "./inferwatch-demo", duration_s: float | None
     with EmbeddedBroker(log_path=out / "broker.log") as broker:
         _create_topics(broker.bootstrap)
         service = ModelService(seed=0)
-        np.savez(out / "reference.npz", X=service.ds.X_train, y=service.ds.y_train)
+        ds = service.ds
+        np.savez(out / "reference.npz", X=ds.X_train.reshape(-1, *ds.input_shape), y=ds.y_train)
         cfg_path = _config(out, broker.bootstrap)
         cfg = load_config(cfg_path)
         console.print(f"training {len(cfg.detector_options)} detectors on {len(service.ds.X_train)} reference rows")

@@ -36,7 +36,8 @@ def broken_records() -> list[tuple[bytes, str]]:
     for k in range(10):
         out.append((b"{not json" + str(k).encode(), "not JSON"))
         out.append((json.dumps({**good, "id": f"short-{k}", "input": [0.1] * 63}).encode(), "input"))
-        out.append((json.dumps({**good, "id": f"nan-{k}"}).replace('"input": [0.0', '"input": [NaN', 1).encode(), "input"))
+        nan = json.dumps({**good, "id": f"nan-{k}"}).replace('"input": [0.0', '"input": [NaN', 1)
+        out.append((nan.encode(), "input"))
         missing = dict(good)
         del missing["client_id"]
         out.append((json.dumps(missing).encode(), "client_id"))

@@ -114,3 +114,26 @@ def test_cli_validate_exit_codes(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "agent", "validate", "-c", str(bad)], capture_output=True, text=True)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [f"{bad}: sinks[0].path: required key is missing"]
+
+
+def test_delivery_overrides_must_name_a_sink(tmp_path: Path) -> None:
+    p = write(tmp_path, """
+sinks:
+  - {type: jsonl, path: /tmp/x.jsonl, name: audit}
+delivery:
+  sinks:
+    adit: {dedup_window_s: 0}
+""")
+    with pytest.raises(ConfigError) as exc:
+        load_config(p, environ={})
+    assert exc.value.problems == [f"{p}: delivery.sinks.adit: no sink has this name; expected one of audit"]
+
+
+def test_kafka_alert_sink_inherits_the_cluster(tmp_path: Path) -> None:
+    p = write(tmp_path, """
+kafka: {bootstrap_servers: "10.1.2.3:9093", client_id: agent-7}
+sinks:
+  - {type: kafka, topic: inferwatch.findings}
+""")
+    cfg = load_config(p, environ={})
+    assert cfg.sink_options[0].kafka.bootstrap_servers == "10.1.2.3:9093"
