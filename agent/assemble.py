@@ -16,6 +16,7 @@ from agent.delivery import Delivery
 from agent.pipeline import Pipeline
 from agent.telemetry import Telemetry
 from connectors.deadletter import FileDeadLetters, KafkaDeadLetters
+from connectors.decoder_router import DecoderRouter
 from connectors.file_source import FileSource
 from connectors.kafka_source import KafkaSource
 from connectors.kserve_format import KServeDecoder, KServeSpec
@@ -26,17 +27,22 @@ log = logging.getLogger(__name__)
 
 
 def build_decoder(cfg: AgentConfig, input_dim: int | None, n_classes: int | None = None):
+    """The native decoder for native topics; with ``format: kserve``, KServe's for its topics beside it."""
     src = cfg.source
-    if src.format == "kserve":
-        return KServeDecoder(KServeSpec(
-            request_topics=frozenset(src.topics.kserve_request), response_topics=frozenset(src.topics.kserve_response),
-            input_dim=input_dim, max_record_bytes=src.max_record_bytes, client_header=src.kserve_client_header,
-            join_ttl_s=src.kserve_join_ttl_s, model=cfg.model.name, n_classes=n_classes,
-        ))
-    return NativeDecoder(DecodeSpec(
+    native = NativeDecoder(DecodeSpec(
         inference_topics=frozenset(src.topics.inference), feedback_topics=frozenset(src.topics.feedback),
         input_dim=input_dim, max_record_bytes=src.max_record_bytes, model=cfg.model.name, n_classes=n_classes,
     ))
+    if src.format != "kserve":
+        return native
+    kserve = KServeDecoder(KServeSpec(
+        request_topics=frozenset(src.topics.kserve_request), response_topics=frozenset(src.topics.kserve_response),
+        input_dim=input_dim, max_record_bytes=src.max_record_bytes, client_header=src.kserve_client_header,
+        join_ttl_s=src.kserve_join_ttl_s, model=cfg.model.name, n_classes=n_classes,
+    ))
+    routes = {t: native for t in [*src.topics.inference, *src.topics.feedback]}
+    routes |= {t: kserve for t in [*src.topics.kserve_request, *src.topics.kserve_response]}
+    return DecoderRouter(routes)
 
 
 def build_source(cfg: AgentConfig):

@@ -23,11 +23,11 @@ from agent.artifacts import train
 from agent.assemble import build_pipeline
 from agent.broker import EmbeddedBroker
 from agent.config import load_config
-from agent.simulation import GroundTruth, ModelService, TrafficPlan, publish
+from agent.report import render
+from agent.simulation import TOPICS, GroundTruth, ModelService, TrafficPlan, publish
 from detectors.base import registry
 
 log = logging.getLogger(__name__)
-TOPICS = {"inference": "inferwatch.inference", "feedback": "inferwatch.feedback"}
 
 
 def _config(out: Path, bootstrap: str) -> Path:
@@ -35,7 +35,13 @@ def _config(out: Path, bootstrap: str) -> Path:
     text = f"""# written by `inferwatch demo`
 kafka: {{bootstrap_servers: "{bootstrap}"}}
 source:
-  topics: {{inference: [{TOPICS['inference']}], feedback: [{TOPICS['feedback']}]}}
+  format: kserve
+  topics:
+    inference: []
+    feedback: [{TOPICS['feedback']}]
+    kserve_request: [{TOPICS['request']}]
+    kserve_response: [{TOPICS['response']}]
+  kserve_join_ttl_s: 5
   group_id: inferwatch-demo
   session_timeout_ms: 6000
   heartbeat_interval_ms: 1000
@@ -61,8 +67,8 @@ def _create_topics(bootstrap: str) -> None:
     from kafka.admin import KafkaAdminClient, NewTopic
 
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    admin.create_topics([NewTopic(TOPICS["inference"], 4, 1), NewTopic(TOPICS["feedback"], 1, 1),
-                         NewTopic("inferwatch.deadletter", 1, 1)])
+    admin.create_topics([NewTopic(TOPICS["request"], 4, 1), NewTopic(TOPICS["response"], 4, 1),
+                         NewTopic(TOPICS["feedback"], 1, 1), NewTopic("inferwatch.deadletter", 1, 1)])
     admin.close()
 
 
@@ -94,13 +100,15 @@ def run_demo(out_dir: str | Path = "./inferwatch-demo", duration_s: float | None
         train(cfg, out / "reference.npz", out / "model.pt2")
 
         plan, truth = TrafficPlan(service, duration_s=duration, rate=300.0).build()
-        console.print(f"publishing {len(plan)} records over {duration:.0f} s from "
-                      f"{len(truth.benign_clients)} benign clients with attack campaigns of every family")
+        console.print(f"publishing {len(plan)} records (KServe logger request/response pairs and feedback) over "
+                      f"{duration:.0f} s from {len(truth.benign_clients)} benign clients, with campaigns:")
+        for c in sorted(truth.campaigns, key=lambda c: c.start_s):
+            console.print(f"  {c.start_s:5.0f}-{c.end_s:4.0f} s  {c.family:<10} {c.label}")
         producer = KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=10, acks=1)
         progress: dict[str, Any] = {}
         stop = threading.Event()
-        feeder = threading.Thread(target=publish, args=(plan, producer, TOPICS, time.time(), 1.0, progress, stop),
-                                  daemon=True)
+        t_plan = time.time()
+        feeder = threading.Thread(target=publish, args=(plan, producer, t_plan, progress, stop), daemon=True)
         pipeline = build_pipeline(cfg)
         feeder.start()
         t0, idle_since = time.time(), time.time()
@@ -122,6 +130,9 @@ def run_demo(out_dir: str | Path = "./inferwatch-demo", duration_s: float | None
     board = scoreboard(findings, truth, pipeline.counters.records)
     board["seconds"] = round(time.time() - t_start, 1)
     (out / "scoreboard.json").write_text(json.dumps(board, indent=2))
+    marks = [(f["finding_info"]["types"][0], f["time"] / 1000 - t_plan) for f in findings]
+    traffic = {k: np.asarray(v) for k, v in truth.traffic.items()}
+    render(out, traffic, truth.campaigns, marks, board, duration)
     _print_scoreboard(console, board, out)
     return 0
 
@@ -141,47 +152,59 @@ def _progress_table(pipeline, progress: dict, t0: float):
     return t
 
 
+def _related(fs: list[dict]) -> set[str]:
+    return {e["uid"] for f in fs for e in f["finding_info"].get("related_events", [])}
+
+
+def _actor(f: dict) -> str | None:
+    return f.get("actor", {}).get("user", {}).get("uid")
+
+
 def scoreboard(findings: list[dict], truth: GroundTruth, events: int) -> dict[str, Any]:
     """Measure the findings against the simulation's ground truth (CONTRACT.md scoreboard shape)."""
     by_family: dict[str, list[dict]] = {}
-    for f in findings:
+    for f in sorted(findings, key=lambda f: f["time"]):
         by_family.setdefault(f["finding_info"]["types"][0], []).append(f)
-    related = lambda fs: {e["uid"] for f in fs for e in f["finding_info"].get("related_events", [])}  # noqa: E731
-    actors = lambda fs: {f.get("actor", {}).get("user", {}).get("uid") for f in fs}  # noqa: E731
 
-    ev = by_family.get("evasion", [])
-    flagged = related([f for f in ev if f["finding_info"]["analytic"]["name"] == "adversarial"])
-    tpr = len(flagged & truth.evasion_ids) / max(1, len(truth.evasion_ids))
-    fpr = len(flagged & truth.benign_inference_ids) / max(1, len(truth.benign_inference_ids))
-    families: dict[str, Any] = {"evasion": {"tpr": round(tpr, 4), "fpr": round(fpr, 5), "detected": tpr > 0.5}}
+    # evasion: per-record findings against the PGD records; false positives on benign (drifted ones apart)
+    flagged = _related([f for f in by_family.get("evasion", []) if len(f["finding_info"]["related_events"]) == 1])
+    drift = set(truth.drift_ids)
+    clean = truth.benign_inference_ids - drift
+    families: dict[str, Any] = {"evasion": {
+        "tpr": round(len(flagged & truth.evasion_ids) / max(1, len(truth.evasion_ids)), 4),
+        "fpr": round(len(flagged & clean) / max(1, len(clean)), 5),
+        "fpr_on_drifted": round(len(flagged & drift) / max(1, len(drift)), 5),
+    }}
+    families["evasion"]["detected"] = families["evasion"]["tpr"] >= 0.5
 
+    # extraction and probing: per attacking client, how many of its queries until its first finding
     ex = by_family.get("extraction", [])
-    caught = actors(ex) & truth.extraction_clients
-    benign_flagged = actors(ex) & truth.benign_clients
-    q = []
-    for client in caught:
-        ids = truth.client_queries[client]
-        pos = {rid: i for i, rid in enumerate(ids)}
-        first = min((max((pos[r] for r in related([f]) if r in pos), default=len(ids)) for f in ex
-                     if f.get("actor", {}).get("user", {}).get("uid") == client), default=len(ids))
-        q.append(first + 1)
+    attackers = set(truth.client_queries)
+    q = {}
+    for client in attackers:
+        first = next((f for f in ex if _actor(f) == client), None)
+        if first is not None:
+            pos = {rid: i for i, rid in enumerate(truth.client_queries[client])}
+            q[client] = max((pos[r] for r in _related([first]) if r in pos), default=0) + 1
+    benign_flagged = {_actor(f) for f in ex} & truth.benign_clients
     families["extraction"] = {
-        "tpr": round(len(caught) / max(1, len(truth.extraction_clients)), 4),
+        "tpr": round(len(q) / max(1, len(attackers)), 4),
         "fpr": round(len(benign_flagged) / max(1, len(truth.benign_clients)), 5),
-        "detected": bool(caught), "queries_to_detect": max(q) if q else None,
-        "flood_clients_flagged": sorted(a for a in actors(ex) if a and a.startswith("flooder")),
+        "detected": bool(q), "queries_to_detect": max(q.values()) if q else None,
+        "per_client": q,
     }
 
-    dr = [f for f in by_family.get("drift", []) if f["finding_info"]["analytic"]["name"] == "drift_vae"]
-    drift_set = set(truth.drift_ids)
-    after = [f for f in dr if related([f]) & drift_set]
+    # drift: window findings (not the per-record out-of-distribution ones)
+    windows = [f for f in by_family.get("drift", []) if f["finding_info"]["title"] != "Out-of-distribution input"]
     order = {rid: i for i, rid in enumerate(truth.drift_ids)}
-    to_detect = min((min(order[r] for r in related([f]) if r in order) for f in after), default=None)
-    false_alarms = len([f for f in dr if not (related([f]) & drift_set)])
-    families["drift"] = {"detected": bool(after), "events_to_detect": None if to_detect is None else to_detect + 1,
-                         "false_alarms": false_alarms}
+    hit = next((f for f in windows if _related([f]) & drift), None)
+    families["drift"] = {
+        "detected": hit is not None,
+        "events_to_detect": None if hit is None else max(order[r] for r in _related([hit]) if r in order) + 1,
+        "false_alarms": len([f for f in windows if not (_related([f]) & drift)]),
+    }
 
-    po = related(by_family.get("poisoning", []))
+    po = _related(by_family.get("poisoning", []))
     tp = len(po & truth.poisoned_feedback_ids)
     families["poisoning"] = {"precision": round(tp / max(1, len(po)), 4),
                              "recall": round(tp / max(1, len(truth.poisoned_feedback_ids)), 4), "detected": tp > 0}
@@ -203,4 +226,5 @@ def _print_scoreboard(console, board: dict, out: Path) -> None:
     console.print(t)
     console.print(f"{board['events']} records, {board['findings']} findings {board['findings_by_family']}, "
                   f"{board['seconds']} s")
-    console.print(f"findings: {out / 'findings.ocsf.jsonl'}\nscoreboard: {out / 'scoreboard.json'}")
+    console.print(f"findings: {out / 'findings.ocsf.jsonl'}\nscoreboard: {out / 'scoreboard.json'}\n"
+                  f"report: {out / 'report.html'} (timeline: {out / 'report.png'})")
