@@ -106,7 +106,8 @@ def _drain(step, total: int, timeout_s: float = 600) -> float:
     return time.perf_counter() - (t_first or time.perf_counter())
 
 
-def run_bench(events: int = 200_000, device: str = "auto", features: int = 64, as_json: bool = False) -> int:
+def run_bench(events: int = 200_000, device: str = "auto", features: int = 64, as_json: bool = False,
+              scale_out: bool = True) -> int:
     import torch
     from kafka.admin import KafkaAdminClient, NewTopic
 
@@ -181,7 +182,14 @@ def run_bench(events: int = 200_000, device: str = "auto", features: int = 64, a
         result["detector_eps"] = per
         result["detectors_together_eps"] = round(sum(len(b) for b in batches) / total_s) if total_s else None
 
-        # 4. latency at a fixed offered load
+        # 4. scale-out: one vs two agent processes in one consumer group on a 4-partition topic
+        if scale_out:
+            one = _scale_out(tmp, broker.bootstrap, device, names, values, procs=1)
+            two = _scale_out(tmp, broker.bootstrap, device, names, values, procs=2)
+            result["scale_out"] = {"one_process_eps": one, "two_processes_eps": two,
+                                   "speedup": round(two / one, 2) if one else None}
+
+        # 5. latency at a fixed offered load
         result["latency_ms"] = _latency(tmp, broker.bootstrap, device, names, X, probs, rate=2000,
                                         seconds=15 if events >= 50_000 else 3)
 
@@ -243,6 +251,73 @@ def _latency(tmp: Path, bootstrap: str, device: str, names: list[str], X: np.nda
     arr = np.asarray(lat)
     return {"offered_eps": rate, "p50": round(float(np.percentile(arr, 50)), 1),
             "p99": round(float(np.percentile(arr, 99)), 1), "records": len(arr)}
+
+
+def _scale_worker(cfg_path: str, ready, go, consumed, first_last) -> None:
+    """One agent process: join the group, wait for the start signal, consume until told to stop."""
+    import torch
+
+    from agent.assemble import build_pipeline
+    from agent.config import load_config
+
+    torch.set_num_threads(1)
+    pipeline = build_pipeline(load_config(cfg_path))
+    while not pipeline.source.assignment():
+        pipeline.step()
+    ready.put(len(pipeline.source.assignment()))
+    go.wait()
+    t_first = t_last = None
+    while not go.is_set() or consumed.value >= 0:
+        n = pipeline.step()
+        if n:
+            now = time.time()
+            t_first = t_first or now
+            t_last = now
+            with consumed.get_lock():
+                consumed.value += n
+        elif consumed.value < 0:
+            break
+    first_last.put((t_first, t_last))
+    pipeline.close()
+
+
+def _scale_out(tmp: Path, bootstrap: str, device: str, names: list[str], values: list[bytes], procs: int) -> int:
+    """Records/s of ``procs`` agent processes sharing one group on a fresh 4-partition topic."""
+    import multiprocessing as mp
+
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    topic = f"bench.scale{procs}"
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    admin.create_topics([NewTopic(topic, 4, 1)])
+    admin.close()
+    path = _config(tmp, bootstrap, f"scale{procs}", device, names)
+    path.write_text(path.read_text().replace(f"inference: [{TOPIC}]", f"inference: [{topic}]"))
+    ctx = mp.get_context("spawn")
+    ready, first_last, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    consumed = ctx.Value("q", 0)
+    workers = [ctx.Process(target=_scale_worker, args=(str(path), ready, go, consumed, first_last))
+               for _ in range(procs)]
+    for w in workers:
+        w.start()
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until the group has settled: every member owns 4/procs partitions
+        got = [ready.get(timeout=120) for _ in range(procs)]
+        if sorted(got) == [4 // procs] * procs:
+            break
+        raise RuntimeError(f"bench: group did not settle evenly: assignments {got}")
+    _produce(bootstrap, topic, values)
+    go.set()
+    while consumed.value < len(values) and time.time() < deadline + 600:
+        time.sleep(0.05)
+    with consumed.get_lock():
+        consumed.value = -1
+    spans = [first_last.get(timeout=60) for _ in range(procs)]
+    for w in workers:
+        w.join(timeout=60)
+    starts = [a for a, _ in spans if a]
+    ends = [b for _, b in spans if b]
+    return round(len(values) / (max(ends) - min(starts)))
 
 
 class _IdTap:

@@ -82,7 +82,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from agent.bench import run_bench
 
-    return run_bench(events=args.events, device=args.device, features=args.features, as_json=args.json)
+    return run_bench(events=args.events, device=args.device, features=args.features, as_json=args.json,
+                     scale_out=not args.no_scale_out)
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
@@ -135,6 +136,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     s.add_argument("--events", type=int, default=200_000)
     s.add_argument("--features", type=int, default=64)
+    s.add_argument("--no-scale-out", action="store_true", help="skip the two-process consumer-group measurement")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("broker", help="run the embedded Kafka-compatible broker in the foreground")

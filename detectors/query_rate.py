@@ -31,7 +31,7 @@ class QueryRateOptions(DetectorOptions):
 
 
 class _Client:
-    __slots__ = ("alerted", "counts", "epoch", "episode_start", "recent")
+    __slots__ = ("alerted", "counts", "episode_start", "epoch", "recent")
 
     def __init__(self) -> None:
         self.counts = np.zeros(BUCKETS, np.int64)

@@ -1,0 +1,238 @@
+"""Evasion scenario: adversarial examples against the monitored model, mixed into benign traffic.
+
+For each data set (``digits``, ``tabular``) the monitored model is trained on
+``X_train``; the ``adversarial`` detector is fitted on the same reference data
+(its own training attacks are crafted on reference rows). Then, on test rows it
+never saw, one attacker client per variant sends successful adversarial
+examples among hundreds of benign clients:
+
+* attack families the detector trained on, at strengths it did not train on:
+  FGSM and PGD-L∞ (eps 0.2 of the input range), PGD-L2, DeepFool;
+* held out entirely: Carlini-Wagner L2, a weak PGD-L∞ (eps 0.1, 40 steps) and
+  the black-box SimBA attack, sent query by query (its final adversarials are
+  the evasion; the query chain itself is the extraction detector's business).
+
+Records go through ``detector.update`` in time order, batches of 512. TPR is
+the flagged share of successful adversarial records, FPR the flagged share of
+benign records (also split by whether the model itself gets the benign input
+right: its natural errors look like minimal adversarials); ``auroc`` and
+``tpr_at_benign_fpr_0.01`` are the threshold-free view of the raw scores, for
+comparison with published numbers; a variant is ``detected`` when its attacker client gets an
+aggregate campaign finding. A detector-aware PGD, which also minimises the
+detector's own (differentiable) score, shows what an adaptive attacker gets.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+from agent.model import WatchedModel, train_classifier
+from agent.reference import ReferenceData
+from agent.scenarios import data
+from agent.scenarios._stream import Stream
+from detectors import _attacks as attacks
+from detectors.adversarial import AdversarialDetector
+from detectors.base import DetectorContext
+
+TRAINED_FAMILIES = {"fgsm", "pgd_linf", "pgd_l2", "deepfool"}
+
+
+def _scale(ds: data.Dataset) -> float:
+    """Attack strengths are given as shares of the input range (digits: [0, 1]; tabular: ~4 std wide)."""
+    return 1.0 if ds.name == "digits" else 4.0
+
+
+def _craft(model: WatchedModel, ds: data.Dataset, X: np.ndarray, y: np.ndarray, seed: int
+           ) -> dict[str, np.ndarray]:
+    """White-box adversarials of every variant for seeds (X, y); only successful ones are kept later."""
+    u, lo, hi = _scale(ds), ds.lo, ds.hi
+    dev = model.device
+    x = torch.as_tensor(X, device=dev)
+    t = torch.as_tensor(y, device=dev)
+    f = model.logits
+    out = {
+        "fgsm": attacks.fgsm(f, x, t, 0.2 * u, lo, hi),
+        "pgd_linf": attacks.pgd_linf(f, x, t, 0.2 * u, lo, hi, steps=40, seed=seed),
+        "pgd_l2": attacks.pgd_l2(f, x, t, 1.5 * u, lo, hi, steps=40, seed=seed),
+        "deepfool": attacks.deepfool(f, x, lo, hi),
+        "cw_l2 (held out)": attacks.cw_l2(f, x, t, lo, hi, c=1.0, steps=100),
+        "pgd_linf_weak (held out)": attacks.pgd_linf(f, x, t, 0.1 * u, lo, hi, steps=40, seed=seed + 1),
+    }
+    return {k: v.detach().cpu().numpy() for k, v in out.items()}
+
+
+def _detector_aware(model: WatchedModel, det: AdversarialDetector, ds: data.Dataset, X: np.ndarray,
+                    y: np.ndarray, weight: float, steps: int = 100, kappa: float = 2.0) -> np.ndarray:
+    """PGD-L∞ on ``CW margin loss + weight * detector logit``: misclassify *and* look clean to the detector.
+
+    The detector's features are differentiable (squeezing passes gradients
+    straight through), so this is the white-box adaptive attack of Carlini &
+    Wagner ("Adversarial examples are not easily detected", 2017), within the
+    same L∞ budget as the plain PGD variant (0.2 of the input range).
+    """
+    u, lo, hi = _scale(ds), ds.lo, ds.hi
+    eps = 0.2 * u
+    dev = model.device
+    x = torch.as_tensor(X, device=dev)
+    t = torch.as_tensor(y, device=dev)
+    onehot = torch.nn.functional.one_hot(t, model.n_classes).bool()
+    adv = x.clone()
+    step = 2.5 * eps / steps
+    for _ in range(steps):
+        adv.requires_grad_(True)
+        logits = model.logits(adv)
+        margin = logits[onehot] - logits.masked_fill(onehot, -1e9).max(1).values
+        loss = torch.clamp(margin + kappa, min=0).sum() + weight * det.score_tensor(adv).sum()
+        (g,) = torch.autograd.grad(loss, adv)
+        adv = adv.detach() - step * g.sign()
+        adv = torch.min(torch.max(adv, x - eps), x + eps).clamp(lo, hi)
+    return adv.detach().cpu().numpy()
+
+
+def _evaluate_dataset(name: str, device: torch.device, quick: bool, seed: int = 0) -> dict[str, Any]:
+    ds = data.load(name)
+    started = time.perf_counter()
+    model = train_classifier(ds.X_train, ds.y_train, ds.input_shape, device, epochs=60, seed=seed)
+    for p in model.module.parameters():
+        p.requires_grad_(False)
+    det = AdversarialDetector(AdversarialDetector.Options(),
+                              DetectorContext(device, ds.input_shape, ds.n_classes, model, seed=seed))
+    det.fit(ReferenceData(ds.X_train, ds.y_train, ds.input_shape))
+    fit_s = time.perf_counter() - started
+
+    rng = np.random.default_rng(seed + 7)
+    n_seeds = 60 if quick else len(ds.X_test)
+    pick = rng.permutation(len(ds.X_test))[:n_seeds]
+    Xs, ys = ds.X_test[pick], ds.y_test[pick]
+    correct = model.predict_proba(Xs).argmax(1) == ys
+    Xs, ys = Xs[correct], ys[correct]  # an input the model already gets wrong needs no attack
+
+    stream = Stream(model=f"{name}-mlp")
+    n_benign = 4000 if quick else 30000
+    Xb, cb, tsb = data.benign_traffic(ds, n_benign, 60 if quick else 300, seed=seed + 1)
+    stream.add("benign", Xb, tsb, [f"tenant-{c}" for c in cb], model.predict_proba(Xb))
+
+    variants: dict[str, dict[str, Any]] = {}
+    crafted = _craft(model, ds, Xs, ys, seed)
+    for vi, (variant, adv) in enumerate(crafted.items()):
+        pred = model.predict_proba(adv)
+        ok = pred.argmax(1) != ys
+        delta = adv[ok] - Xs[ok]
+        ts = np.sort(rng.uniform(300, 3300, int(ok.sum())))
+        stream.add(variant, adv[ok], ts, [f"attacker-{vi}"] * int(ok.sum()), pred[ok])
+        variants[variant] = {
+            "variant": variant, "data": name, "client": f"attacker-{vi}",
+            "held_out": variant.split(" ")[0] not in TRAINED_FAMILIES, "crafted": len(adv),
+            "successful": int(ok.sum()), "success_rate": float(ok.mean()) if len(ok) else 0.0,
+            "mean_linf": float(np.abs(delta).max(1).mean()) if len(delta) else 0.0,
+            "mean_l2": float(np.linalg.norm(delta, axis=1).mean()) if len(delta) else 0.0,
+        }
+
+    # black-box SimBA, query by query from one client; its final adversarials are the evasion records
+    n_bb = 15 if quick else 40
+    sim_adv, queries, owners = attacks.simba(model.predict_proba, Xs[:n_bb], ys[:n_bb], 0.2 * _scale(ds),
+                                             ds.lo, ds.hi, max_steps=400 if quick else 1000, seed=seed)
+    # a real attacker runs one seed after another: replay each seed's query chain in order
+    q_rows = np.concatenate(queries)
+    q_owner = np.concatenate(owners)
+    q_all = q_rows[np.argsort(q_owner, kind="stable")]
+    q_ts = np.linspace(600, 3000, len(q_all) + 1)[:-1]
+    q_pred = model.predict_proba(q_all)
+    final_pred = model.predict_proba(sim_adv)
+    ok = final_pred.argmax(1) != ys[:n_bb]
+    stream.add("simba_queries", q_all, q_ts, ["attacker-simba"] * len(q_all), q_pred)
+    stream.add("simba (held out, black-box)", sim_adv[ok], np.full(int(ok.sum()), 3000.5),
+               ["attacker-simba"] * int(ok.sum()), final_pred[ok])
+    delta = sim_adv[ok] - Xs[:n_bb][ok]
+    variants["simba (held out, black-box)"] = {
+        "variant": "simba (held out, black-box)", "data": name, "client": "attacker-simba", "held_out": True,
+        "crafted": n_bb, "successful": int(ok.sum()), "success_rate": float(ok.mean()),
+        "queries": len(q_all),
+        "mean_linf": float(np.abs(delta).max(1).mean()) if len(delta) else 0.0,
+        "mean_l2": float(np.linalg.norm(delta, axis=1).mean()) if len(delta) else 0.0,
+    }
+
+    started = time.perf_counter()
+    findings, adv_p, _ = stream.replay(det, key="adv_score")
+    replay_s = time.perf_counter() - started
+    kinds = stream.kinds
+    flagged = adv_p <= det.opts.fpr
+    benign = kinds == "benign"
+    benign_wrong = np.zeros(len(kinds), dtype=bool)
+    benign_idx = np.flatnonzero(benign)
+    Xb_pred = np.concatenate(stream.probs)[benign_idx].argmax(1)
+    benign_truth = _benign_labels(ds, Xb)
+    benign_wrong[benign_idx] = Xb_pred != benign_truth
+    campaigns = {f.actor: f for f in findings if f.title.startswith("Client")}
+    # threshold-free view, comparable with published AUROCs: raw detector scores, benign vs each variant
+    X_all, probs_all = np.concatenate(stream.X), np.concatenate(stream.probs)
+    raw = np.concatenate([det.score(X_all[i : i + 4096], probs_all[i : i + 4096]) for i in range(0, len(X_all), 4096)])
+    benign_raw = raw[benign]
+    at_1pct = float(np.quantile(benign_raw, 0.99))
+    for variant, row in variants.items():
+        mask = kinds == variant
+        row["tpr"] = float(flagged[mask].mean()) if mask.any() else None
+        if mask.any():
+            y_true = np.r_[np.zeros(len(benign_raw)), np.ones(int(mask.sum()))]
+            row["auroc"] = float(roc_auc_score(y_true, np.r_[benign_raw, raw[mask]]))
+            row["tpr_at_benign_fpr_0.01"] = float((raw[mask] > at_1pct).mean())
+        f = campaigns.get(row["client"])
+        row["detected"] = f is not None
+        row["campaign_attacks"] = list(f.attacks) if f is not None else []
+    adv_mask = np.isin(kinds, list(variants))
+    false_campaigns = [c for c in campaigns if c and c.startswith("tenant-")]
+    aware = {}
+    for weight in (0.1, 1.0):
+        adv = _detector_aware(model, det, ds, Xs, ys, weight)
+        mis = model.predict_proba(adv).argmax(1) != ys
+        p = det.pvalues(adv, model.predict_proba(adv))
+        aware[f"weight_{weight:g}"] = {
+            "success_rate": float(mis.mean()), "flagged_share_of_successful": float((p[mis] <= det.opts.fpr).mean())
+            if mis.any() else None, "evasion_rate": float((mis & (p > det.opts.fpr)).mean()),
+        }
+    return {
+        "data": name, "benign_records": int(benign.sum()), "adversarial_records": int(adv_mask.sum()),
+        "fpr": float(flagged[benign].mean()),
+        "fpr_on_benign_the_model_gets_right": float(flagged[benign & ~benign_wrong].mean()),
+        "fpr_on_benign_the_model_gets_wrong": float(flagged[benign & benign_wrong].mean())
+        if (benign & benign_wrong).any() else None,
+        "benign_model_error_rate": float(benign_wrong[benign].mean()),
+        "tpr": float(flagged[adv_mask].mean()), "variants": list(variants.values()),
+        "false_campaign_findings": len(false_campaigns), "findings": len(findings),
+        "detector_aware": aware, "fit_s": round(fit_s, 2),
+        "replay_records_per_s": round(len(kinds) / replay_s, 1),
+        "fit_adversarials": det.fit_report.get("adversarials", {}),
+    }
+
+
+def _benign_labels(ds: data.Dataset, Xb: np.ndarray) -> np.ndarray:
+    """True labels of benign rows (they are test rows, maybe with jitter): nearest test row's label."""
+    d2 = (Xb**2).sum(1)[:, None] - 2 * Xb @ ds.X_test.T + (ds.X_test**2).sum(1)[None, :]
+    return ds.y_test[d2.argmin(1)]
+
+
+def evaluate(device: torch.device, quick: bool = False) -> dict[str, Any]:
+    """The evasion family's report section (CONTRACT.md "Machine-readable reports") plus details."""
+    per_data = [_evaluate_dataset(name, device, quick) for name in ("digits", "tabular")]
+    variants = [v for d in per_data for v in d["variants"]]
+    adv_total = sum(d["adversarial_records"] for d in per_data)
+    benign_total = sum(d["benign_records"] for d in per_data)
+    return {
+        "tpr": sum(d["tpr"] * d["adversarial_records"] for d in per_data) / max(adv_total, 1),
+        "fpr": sum(d["fpr"] * d["benign_records"] for d in per_data) / max(benign_total, 1),
+        "detected": all(v["detected"] for v in variants if v["successful"] >= 5),
+        "variants": variants,
+        "detector_aware": {d["data"]: d["detector_aware"] for d in per_data},
+        "datasets": per_data,
+        "anchors": {
+            "feature_squeezing_mnist_detection": 0.98,
+            "mahalanobis_auroc_fgsm": 0.99,
+            "note": "published on MNIST/CIFAR with access to hidden layers; here 8x8 digits and a 30-feature "
+                    "tabular set, output-only features",
+        },
+    }

@@ -1,0 +1,471 @@
+"""Out-of-distribution records and covariate / label drift, from a VAE fitted on reference data.
+
+Why a VAE: its negative ELBO (reconstruction error plus the latent code's KL)
+is high for inputs unlike the reference data, whatever the model under watch
+does with them, and it is one small batched torch call per batch.
+
+Three things come out of one score:
+
+* ``notes["ood_p"]``: a conformal p-value per record (rank of its score among
+  held-out reference scores, a Pareto tail beyond them, see ``_conformal``),
+  for later detectors (extraction's out-of-distribution share).
+* a per-record finding when a record is far out (``record_p``, default 1e-6, a
+  tail-extrapolated p: at ~1e5 benign records a day that is ~0.1 false alarm a
+  day; the calibration ranks alone cannot say anything below 1/(n_cal+1)).
+* a drift episode when the stream of p-values stops looking uniform, in either
+  tail (inputs less like the reference, or *more* uniform than it: dimmed
+  images, constant fields, which a VAE finds easy): a CUSUM
+  of the log of a power betting function ``eps * p**(eps-1)`` on the plain
+  conformal p-values, i.e. an inductive conformal test martingale with
+  restarts (Volkhonskiy et al., "Inductive conformal martingales for
+  change-point detection", 2017). Under no drift each record's increment has
+  negative mean, so the average run length to a false alarm is at least
+  ``exp(threshold)`` records (default e^16 ~ 9e6); under a shift many p-values
+  are small and it climbs within tens to hundreds of records. The rank p-values
+  are floored at 1/(n_cal+1), so a handful of outliers alone cannot make a
+  drift episode: that is what the per-record finding is for.
+* a feature-mean episode: the largest per-feature mean shift in consecutive
+  windows, z-scored against the reference (a few features scaled or offset
+  can leave the VAE's score almost unchanged).
+* a label-shift episode: a chi-square test of the predicted-class counts in
+  consecutive windows against the reference class frequencies, because a pure
+  class-prior shift moves no single input out of distribution.
+
+Time comes from the records' ``ts``; an episode stays open (and silent) until
+``quiet_records`` records pass without a new alarm, so one drift is one finding.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import Field
+from scipy import stats
+from torch import nn
+
+from agent.findings import MAX_RELATED, Finding, Severity
+from agent.records import InferenceBatch
+from agent.reference import ReferenceData
+from detectors._conformal import ConformalCalibrator
+from detectors.base import Detector, DetectorOptions
+
+_COVARIATE = {"covariate": "inputs less like the reference data", "covariate_low": "inputs more uniform / "
+              "typical than the reference data"}
+_COVARIATE_CHANNELS = (*_COVARIATE, "feature_mean")
+
+
+class _VAE(nn.Module):
+    """Gaussian VAE on standardised inputs; scoring uses the posterior mean, so it is deterministic."""
+
+    def __init__(self, dim: int, hidden: int, latent: int):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        self.to_mu = nn.Linear(hidden, latent)
+        self.to_logvar = nn.Linear(hidden, latent)
+        self.decoder = nn.Sequential(nn.Linear(latent, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                     nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor, sample: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h = self.encoder(x)
+        mu, logvar = self.to_mu(h), self.to_logvar(h).clamp(-10, 10)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if sample else mu
+        return self.decoder(z), mu, logvar
+
+
+class DriftVAE(Detector):
+    """VAE negative-ELBO scores -> conformal p-values -> OOD records, covariate drift and label shift."""
+
+    name = "drift_vae"
+    family = "drift"
+    stream = "inference"
+    requires_fit = True
+    needs_model = False
+    priority = 10
+
+    class Options(DetectorOptions):
+        hidden: int = Field(64, ge=4, description="width of the VAE's hidden layers")
+        latent: int = Field(8, ge=1, description="size of the VAE's latent code")
+        epochs: int = Field(150, ge=1, description="training epochs over the fit split of the reference data")
+        holdout: float = Field(0.3, gt=0.05, lt=0.9,
+                               description="share of reference rows kept out of training to calibrate p-values")
+        record_p: float = Field(1e-6, gt=0, lt=1,
+                                description="p-value below which a single record is reported as out of "
+                                            "distribution (per-record false-alarm rate)")
+        max_record_findings_per_batch: int = Field(
+            20, ge=0, description="cap on per-record findings per batch; a flood becomes a drift episode instead")
+        bet_epsilon: float = Field(0.5, gt=0, lt=1,
+                                   description="power betting function eps*p^(eps-1): smaller bets harder on "
+                                               "small p-values (detects strong shifts faster, weak ones slower)")
+        cusum_threshold: float = Field(16.0, gt=0,
+                                       description="log-martingale level that raises drift; the mean number of "
+                                                   "benign records between false alarms is at least e^threshold")
+        calibration_sigmas: float = Field(
+            3.0, ge=0, description="drift allowance subtracted from each CUSUM increment, in standard errors "
+                                   "of the calibration set (a finite calibration set makes benign p-values "
+                                   "only nearly uniform; without an allowance a long benign stream drifts up)")
+        mean_window: int = Field(300, ge=20, description="records per window of the per-feature mean test")
+        mean_p: float = Field(1e-7, gt=0, lt=1,
+                              description="Bonferroni-adjusted p-value of the largest per-feature mean shift in a "
+                                          "window that raises drift (a shift of a few features the VAE absorbs)")
+        label_window: int = Field(300, ge=20, description="labelled records per class-prior chi-square test")
+        label_p: float = Field(1e-7, gt=0, lt=1, description="p-value of the chi-square test that raises label shift")
+        quiet_records: int = Field(5000, ge=1,
+                                   description="records without a new alarm after which a drift episode is closed")
+        max_models: int = Field(256, ge=1, description="models tracked at once (least recently seen evicted)")
+
+    def __init__(self, options: DetectorOptions, context):
+        super().__init__(options, context)
+        self.opts: DriftVAE.Options = options  # type: ignore[assignment]
+        self.vae: _VAE | None = None
+        self.mean: np.ndarray | None = None
+        self.scale: np.ndarray | None = None
+        self.residual_var: np.ndarray | None = None
+        self.calibrator: ConformalCalibrator | None = None
+        self.class_freq: np.ndarray | None = None
+        self.n_fit = 0
+        self._models: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._counters = {"records": 0, "record_findings": 0, "record_findings_capped": 0, "episodes": 0,
+                          "evicted_models": 0}
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, reference: ReferenceData) -> None:
+        """Train the VAE on one split of the reference data and calibrate p-values on the other."""
+        fit_part, cal_part = reference.split(self.opts.holdout, seed=self.context.seed)
+        X = fit_part.X.astype(np.float32)
+        self.n_fit = len(X)
+        self.mean = X.mean(0)
+        std = X.std(0)
+        # constant features (digit border pixels) get a floor so one stray value is unusual, not infinite
+        self.scale = np.maximum(std, 0.25 * float(std.mean()) + 1e-6).astype(np.float32)
+        torch.manual_seed(self.context.seed)
+        dev = self.context.device
+        vae = _VAE(reference.dim, self.opts.hidden, self.opts.latent).to(dev)
+        opt = torch.optim.Adam(vae.parameters(), lr=2e-3, weight_decay=1e-5)
+        Xs = torch.as_tensor((X - self.mean) / self.scale, device=dev)
+        gen = torch.Generator().manual_seed(self.context.seed)
+        vae.train()
+        for _ in range(self.opts.epochs):
+            perm = torch.randperm(len(Xs), generator=gen).to(dev)
+            for i in range(0, len(perm), 128):
+                xb = Xs[perm[i : i + 128]]
+                recon, mu, logvar = vae(xb, sample=True)
+                kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)
+                loss = (0.5 * (recon - xb).pow(2).sum(1) + kl).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        vae.eval()
+        self.vae = vae
+        with torch.no_grad():
+            recon, _, _ = vae(Xs, sample=False)
+            res = (recon - Xs).pow(2).mean(0).cpu().numpy()
+        self.residual_var = np.maximum(res, 0.05 * float(res.mean()) + 1e-6).astype(np.float32)
+        self.calibrator = ConformalCalibrator.fit(self.score(cal_part.X))
+        if reference.y is not None:
+            counts = np.bincount(reference.y, minlength=reference.n_classes or 0).astype(np.float64)
+            self.class_freq = np.maximum(counts / counts.sum(), 1e-3)
+            self.class_freq /= self.class_freq.sum()
+
+    def score(self, X: np.ndarray) -> np.ndarray:
+        """Negative ELBO per row (higher = less like the reference data); one torch call."""
+        if self.vae is None:
+            raise RuntimeError("drift_vae is not fitted: run `inferwatch train` or call fit() first")
+        dev = self.context.device
+        with torch.no_grad():
+            x = torch.as_tensor(np.asarray(X, dtype=np.float32), device=dev)
+            xs = (x - self._t("mean")) / self._t("scale")
+            recon, mu, logvar = self.vae(xs, sample=False)
+            rec = 0.5 * ((recon - xs).pow(2) / self._t("residual_var")).sum(1)
+            kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)
+            return (rec + kl).double().cpu().numpy()
+
+    def _t(self, attr: str) -> torch.Tensor:
+        cache = self.__dict__.setdefault("_tensor_cache", {})
+        if attr not in cache:
+            cache[attr] = torch.as_tensor(getattr(self, attr), device=self.context.device)
+        return cache[attr]
+
+    def artifacts(self) -> dict[str, Any]:
+        if self.vae is None or self.calibrator is None:
+            raise RuntimeError("drift_vae has nothing to save: fit() it first")
+        weights = {k: v.detach().cpu().numpy() for k, v in self.vae.state_dict().items()}
+        return {
+            "dim": len(self.mean), "hidden": self.opts.hidden, "latent": self.opts.latent,
+            "weights": weights, "mean": self.mean, "scale": self.scale, "residual_var": self.residual_var,
+            "calibrator": self.calibrator.to_tree(),
+            "class_freq": self.class_freq if self.class_freq is not None else np.zeros(0),
+            "n_fit": self.n_fit,
+        }
+
+    def load_artifacts(self, tree: dict[str, Any]) -> None:
+        dim, hidden, latent = int(tree["dim"]), int(tree["hidden"]), int(tree["latent"])
+        vae = _VAE(dim, hidden, latent)
+        vae.load_state_dict({k: torch.as_tensor(v) for k, v in tree["weights"].items()})
+        self.vae = vae.to(self.context.device).eval()
+        self.mean = np.asarray(tree["mean"], np.float32)
+        self.scale = np.asarray(tree["scale"], np.float32)
+        self.residual_var = np.asarray(tree["residual_var"], np.float32)
+        self.calibrator = ConformalCalibrator.from_tree(tree["calibrator"])
+        freq = np.asarray(tree["class_freq"], np.float64)
+        self.class_freq = freq if len(freq) else None
+        self.n_fit = int(tree["n_fit"])
+        self.__dict__.pop("_tensor_cache", None)
+
+    # --------------------------------------------------------------- hot path
+    def update(self, batch: InferenceBatch, notes: dict[str, Any]) -> list[Finding]:
+        if len(batch) == 0:
+            notes["ood_p"] = np.zeros(0)
+            return []
+        if self.calibrator is None:
+            raise RuntimeError("drift_vae is not fitted: run `inferwatch train` or load its artifacts")
+        scores = self.score(batch.X)
+        p_tail = self.calibrator.pvalues(scores)
+        p_rank = {"covariate": self.calibrator.rank_pvalues(scores),
+                  "covariate_low": self.calibrator.lower_rank_pvalues(scores)}
+        notes["ood_p"] = p_tail
+        self._counters["records"] += len(batch)
+        findings = self._record_findings(batch, p_tail, scores)
+        models = np.asarray(batch.models, dtype=object)
+        for model in dict.fromkeys(batch.models):
+            idx = np.flatnonzero(models == model) if len(set(batch.models)) > 1 else np.arange(len(batch))
+            state = self._model_state(model)
+            for channel in _COVARIATE:
+                findings += self._covariate(state, channel, model, batch, idx, p_rank[channel])
+            findings += self._feature_means(state, model, batch, idx)
+            if self.class_freq is not None:
+                findings += self._label_shift(state, model, batch, idx)
+        return findings
+
+    def _record_findings(self, batch: InferenceBatch, p: np.ndarray, scores: np.ndarray) -> list[Finding]:
+        far = np.flatnonzero(p < self.opts.record_p)
+        if len(far) > self.opts.max_record_findings_per_batch:
+            self._counters["record_findings_capped"] += len(far) - self.opts.max_record_findings_per_batch
+            far = far[np.argsort(p[far], kind="stable")[: self.opts.max_record_findings_per_batch]]
+        out = []
+        for i in far.tolist():
+            self._counters["record_findings"] += 1
+            pi = float(p[i])
+            out.append(Finding(
+                family="drift", detector=self.name, title="Out-of-distribution input",
+                severity=Severity.MEDIUM if pi < self.opts.record_p * 1e-3 else Severity.LOW,
+                actor=batch.clients[i], model=batch.models[i], related_ids=(batch.ids[i],),
+                window=batch.ids[i],
+                evidence={"ood_p": pi, "score": float(scores[i]), "record_p_threshold": self.opts.record_p,
+                          "ts": float(batch.ts[i]), "calibration_size": len(self.calibrator.sorted_scores)},
+                confidence=float(min(1.0, -np.log10(max(pi, 1e-300)) / 12.0)),
+                message=(f"input {batch.ids[i]} from {batch.clients[i]} is unlike the reference data "
+                         f"(p={pi:.2e} < {self.opts.record_p:g})"),
+                analytic_type="learning", time_ms=int(batch.ts[i] * 1000),
+            ))
+        return out
+
+    def _model_state(self, model: str) -> dict[str, Any]:
+        if model in self._models:
+            self._models.move_to_end(model)
+            return self._models[model]
+        while len(self._models) >= self.opts.max_models:
+            self._models.popitem(last=False)
+            self._counters["evicted_models"] += 1
+        state = {
+            **{c: {"S": 0.0, "ids": [], "n": 0, "n_small": 0, "start_ts": None, **_episode()} for c in _COVARIATE},
+            "feature_mean": {"sums": np.zeros(len(self.mean)), "ids": [], "start_ts": None, "n": 0, **_episode()},
+            "label": {"counts": np.zeros(len(self.class_freq) if self.class_freq is not None else 0),
+                      "ids": [], "start_ts": None, **_episode()},
+        }
+        self._models[model] = state
+        return state
+
+    def _covariate(self, state: dict[str, Any], channel: str, model: str, batch: InferenceBatch,
+                   idx: np.ndarray, p_rank: np.ndarray) -> list[Finding]:
+        """CUSUM of log betting increments, vectorised: S_t = C_t - min(0, min_{s<=t} C_s).
+
+        Run once per tail: ``covariate`` bets on unusually high scores,
+        ``covariate_low`` on unusually low ones.
+        """
+        st = state[channel]
+        eps, h = self.opts.bet_epsilon, self.opts.cusum_threshold
+        n_cal = len(self.calibrator.sorted_scores)
+        allowance = self.opts.calibration_sigmas * (1.0 - eps) / np.sqrt(n_cal)
+        inc = np.log(eps) + (eps - 1.0) * np.log(p_rank[idx]) - allowance
+        small = p_rank[idx] < 0.05
+        findings: list[Finding] = []
+        pos = 0
+        while pos < len(idx):
+            c = st["S"] + np.cumsum(inc[pos:])
+            run_min = np.minimum.accumulate(np.minimum(c, 0.0))
+            s = c - np.minimum(run_min, 0.0)
+            over = np.flatnonzero(s > h)
+            end = int(over[0]) + 1 if len(over) else len(s)
+            seg = s[:end]
+            zeros = np.flatnonzero(seg <= 0.0)
+            first = int(zeros[-1]) + 1 if len(zeros) else 0  # the change point estimate: after the last zero
+            if len(zeros):
+                st.update(ids=[], n=0, n_small=0, start_ts=None)
+            rows = idx[pos + first : pos + end]
+            if len(rows):
+                if st["start_ts"] is None:
+                    st["start_ts"] = float(batch.ts[rows[0]])
+                room = MAX_RELATED - len(st["ids"])
+                if room > 0:
+                    st["ids"].extend(batch.ids[i] for i in rows[:room].tolist())
+                st["n"] += len(rows)
+                st["n_small"] += int(small[pos + first : pos + end].sum())
+            st["S"] = float(seg[-1])
+            st["since_alarm"] += end
+            if len(over):
+                last_ts = float(batch.ts[idx[pos + end - 1]])
+                f = self._alarm(state, channel, model, last_ts, {
+                    "direction": _COVARIATE[channel], "cusum": float(seg[-1]), "threshold": h,
+                    "bet_epsilon": eps, "allowance": allowance,
+                    "records_in_window": st["n"], "small_p_share": st["n_small"] / max(st["n"], 1),
+                    "expected_small_p_share": 0.05,
+                })
+                if f is not None:
+                    findings.append(f)
+                st.update(S=0.0, ids=[], n=0, n_small=0, start_ts=None)
+            elif st["open"] and st["since_alarm"] >= self.opts.quiet_records:
+                st["open"] = False
+            pos += end
+        return findings
+
+    def _feature_means(self, state: dict[str, Any], model: str, batch: InferenceBatch,
+                       idx: np.ndarray) -> list[Finding]:
+        """Largest per-feature mean shift per window of ``mean_window`` records, z-scored against the reference.
+
+        The standard error counts both the window and the reference sample
+        (a finite reference mean is itself uncertain), Bonferroni over features.
+        """
+        st = state["feature_mean"]
+        xs = (batch.X[idx] - self.mean) / self.scale
+        findings: list[Finding] = []
+        pos = 0
+        n_fit = max(self.n_fit, 2)
+        while pos < len(idx):
+            take = slice(pos, pos + self.opts.mean_window - st["n"])
+            rows = idx[take]
+            if st["start_ts"] is None and len(rows):
+                st["start_ts"] = float(batch.ts[rows[0]])
+            st["sums"] = st["sums"] + xs[take].sum(0)
+            st["n"] += len(rows)
+            room = MAX_RELATED - len(st["ids"])
+            st["ids"].extend(batch.ids[i] for i in rows[:room].tolist())
+            st["since_alarm"] += len(rows)
+            pos += len(rows)
+            if st["n"] >= self.opts.mean_window:
+                z = (st["sums"] / st["n"]) / np.sqrt(1.0 / st["n"] + 1.0 / n_fit)
+                worst = int(np.argmax(np.abs(z)))
+                pval = float(min(1.0, 2 * stats.norm.sf(abs(z[worst])) * len(z)))
+                if pval < self.opts.mean_p:
+                    top = np.argsort(-np.abs(z))[:5]
+                    f = self._alarm(state, "feature_mean", model, float(batch.ts[rows[-1]]), {
+                        "direction": "feature means moved", "p_bonferroni": pval, "threshold_p": self.opts.mean_p,
+                        "window": int(st["n"]), "top_features": top.tolist(), "top_z": z[top].round(2).tolist(),
+                    })
+                    if f is not None:
+                        findings.append(f)
+                elif st["open"] and st["since_alarm"] >= self.opts.quiet_records:
+                    st["open"] = False
+                st.update(sums=np.zeros(len(self.mean)), n=0, ids=[], start_ts=None)
+        return findings
+
+    def _label_shift(self, state: dict[str, Any], model: str, batch: InferenceBatch,
+                     idx: np.ndarray) -> list[Finding]:
+        """Chi-square of predicted-class counts per window of ``label_window`` labelled records."""
+        st = state["label"]
+        k = len(self.class_freq)
+        labelled = idx[(batch.labels[idx] >= 0) & (batch.labels[idx] < k)]
+        findings: list[Finding] = []
+        pos = 0
+        while pos < len(labelled):
+            need = self.opts.label_window - int(st["counts"].sum())
+            take = labelled[pos : pos + need]
+            if st["start_ts"] is None and len(take):
+                st["start_ts"] = float(batch.ts[take[0]])
+            st["counts"] = st["counts"] + np.bincount(batch.labels[take], minlength=k)
+            room = MAX_RELATED - len(st["ids"])
+            st["ids"].extend(batch.ids[i] for i in take[:room].tolist())
+            st["since_alarm"] += len(take)
+            pos += len(take)
+            if st["counts"].sum() >= self.opts.label_window:
+                n = st["counts"].sum()
+                expected = self.class_freq * n
+                chi2 = float(((st["counts"] - expected) ** 2 / expected).sum())
+                pval = float(stats.chi2.sf(chi2, df=k - 1))
+                if pval < self.opts.label_p:
+                    f = self._alarm(state, "label", model, float(batch.ts[take[-1]]), {
+                        "chi2": chi2, "p": pval, "threshold_p": self.opts.label_p, "window": int(n),
+                        "observed_share": (st["counts"] / n).round(4).tolist(),
+                        "reference_share": self.class_freq.round(4).tolist(),
+                    })
+                    if f is not None:
+                        findings.append(f)
+                elif st["open"] and st["since_alarm"] >= self.opts.quiet_records:
+                    st["open"] = False
+                st.update(counts=np.zeros(k), ids=[], start_ts=None)
+        return findings
+
+    def _alarm(self, state: dict[str, Any], channel: str, model: str, ts: float,
+               evidence: dict[str, Any]) -> Finding | None:
+        """Open an episode (one finding) or extend the open one (silently).
+
+        The three covariate tests share their episodes: one shift seen by two
+        of them is still one finding.
+        """
+        st = state[channel]
+        st["since_alarm"] = 0
+        st["alarms"] += 1
+        group = [state[c] for c in _COVARIATE_CHANNELS] if channel in _COVARIATE_CHANNELS else [st]
+        if any(g["open"] for g in group):
+            st["open"] = True
+            return None
+        st["open"] = True
+        st["episode_start"] = st["start_ts"] if st["start_ts"] is not None else ts
+        self._counters["episodes"] += 1
+        covariate = channel != "label"
+        title = "Covariate drift in model inputs" if covariate else "Class-prior shift in predictions"
+        return Finding(
+            family="drift", detector=self.name, title=title, severity=Severity.MEDIUM,
+            actor=None, model=model, related_ids=tuple(st["ids"]),
+            window=f"{channel}:{model}:{st['episode_start']:.3f}",
+            evidence={"channel": channel, "window_start_ts": st["episode_start"], "window_end_ts": ts,
+                      **evidence},
+            confidence=0.9, analytic_type="learning" if covariate else "statistical",
+            message=(f"covariate drift on model {model}: since ts {st['episode_start']:.3f}, "
+                     f"{evidence['direction']}" if covariate else
+                     f"class-prior shift on model {model}: predicted classes since ts "
+                     f"{st['episode_start']:.3f} do not match the reference frequencies"),
+            time_ms=int(ts * 1000),
+        )
+
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        models = []
+        for model, state in self._models.items():
+            lab = state["label"]
+            models.append({
+                "model": model,
+                **{c: {**state[c], "ids": list(state[c]["ids"])} for c in _COVARIATE},
+                "feature_mean": {**state["feature_mean"], "ids": list(state["feature_mean"]["ids"]),
+                                 "sums": np.asarray(state["feature_mean"]["sums"], np.float64)},
+                "label": {**lab, "ids": list(lab["ids"]), "counts": np.asarray(lab["counts"], np.float64)},
+            })
+        return {"models": models, "counters": dict(self._counters)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._models = OrderedDict()
+        for entry in state["models"]:
+            restored: dict[str, Any] = {}
+            for c in (*_COVARIATE, "feature_mean", "label"):
+                restored[c] = dict(entry[c])
+                restored[c]["ids"] = list(restored[c]["ids"])
+            restored["label"]["counts"] = np.asarray(restored["label"]["counts"], np.float64)
+            restored["feature_mean"]["sums"] = np.asarray(restored["feature_mean"]["sums"], np.float64)
+            self._models[entry["model"]] = restored
+        self._counters.update(state["counters"])
+
+
+def _episode() -> dict[str, Any]:
+    return {"open": False, "since_alarm": 0, "alarms": 0, "episode_start": None}

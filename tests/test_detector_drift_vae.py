@@ -1,0 +1,213 @@
+"""drift_vae: calibrated OOD p-values, per-record OOD findings, drift and label-shift episodes, checkpoints."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from agent.records import InferenceBatch
+from agent.reference import ReferenceData
+from agent.scenarios import data
+from agent.state import load_tree, save_tree
+from detectors._conformal import ConformalCalibrator
+from detectors.base import DetectorContext
+from detectors.drift_vae import DriftVAE
+
+
+@pytest.fixture(scope="module")
+def digits() -> data.Dataset:
+    return data.load("digits")
+
+
+@pytest.fixture(scope="module")
+def artifacts(digits: data.Dataset) -> dict:
+    torch.set_num_threads(1)
+    det = make(digits)
+    det.fit(ReferenceData(digits.X_train, digits.y_train, digits.input_shape))
+    return det.artifacts()
+
+
+def make(ds: data.Dataset, device: str = "cpu", **options) -> DriftVAE:
+    return DriftVAE(DriftVAE.Options(**options), DetectorContext(torch.device(device), ds.input_shape, ds.n_classes))
+
+
+def fitted(ds: data.Dataset, artifacts: dict, device: str = "cpu", **options) -> DriftVAE:
+    det = make(ds, device, **options)
+    det.load_artifacts(artifacts)
+    return det
+
+
+def batches(X: np.ndarray, start_ts: float = 0.0, prefix: str = "r", labels: np.ndarray | None = None,
+            size: int = 512, model: str = "m"):
+    """Records in time order, 0.05 s apart, cut into batches."""
+    for i in range(0, len(X), size):
+        n = len(X[i : i + size])
+        yield InferenceBatch(
+            ids=tuple(f"{prefix}{j}" for j in range(i, i + n)), ts=start_ts + 0.05 * np.arange(i, i + n),
+            models=(model,) * n, model_versions=(None,) * n, clients=tuple(f"c{j % 50}" for j in range(i, i + n)),
+            X=X[i : i + n], probs=None,
+            labels=np.full(n, -1, np.int64) if labels is None else labels[i : i + n].astype(np.int64),
+        )
+
+
+def benign(ds: data.Dataset, n: int, seed: int) -> np.ndarray:
+    return data.benign_traffic(ds, n, 100, seed=seed)[0]
+
+
+def noisy(ds: data.Dataset, n: int, seed: int, sigma: float = 0.1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.clip(benign(ds, n, seed) + rng.normal(0, sigma, (n, ds.dim)), 0, 1).astype(np.float32)
+
+
+def run(det: DriftVAE, X: np.ndarray, **kw) -> list:
+    out = []
+    for b in batches(X, **kw):
+        out += det.update(b, {})
+    return out
+
+
+def test_conformal_pvalues_are_ranks_with_a_tail_beyond_the_data() -> None:
+    cal = ConformalCalibrator.fit(np.arange(1.0, 101.0))
+    p = cal.rank_pvalues(np.array([0.0, 50.0, 100.0, 1000.0]))
+    assert p.tolist() == pytest.approx([101 / 101, 52 / 101, 2 / 101, 1 / 101])
+    tail = cal.pvalues(np.array([100.5, 150.0, 1e4, 1e8]))
+    assert (np.diff(tail) < 0).all(), "further out must be rarer"
+    assert tail[-1] < 1e-6 and tail[0] <= 1 / 101
+    with pytest.raises(ValueError, match="at least 20"):
+        ConformalCalibrator.fit(np.arange(5.0))
+
+
+def test_ood_p_is_near_uniform_on_unseen_benign_rows(digits, artifacts) -> None:
+    det = fitted(digits, artifacts)
+    notes: dict = {}
+    det.update(next(batches(digits.X_test, size=len(digits.X_test))), notes)
+    p = notes["ood_p"]
+    assert p.shape == (len(digits.X_test),) and p.dtype == np.float64
+    assert 0.01 < (p < 0.05).mean() < 0.10
+    assert 0.05 < (p < 0.2).mean() < 0.35
+
+
+def test_far_out_record_gets_its_own_finding(digits, artifacts) -> None:
+    det = fitted(digits, artifacts)
+    X = benign(digits, 200, seed=3)
+    X[17] = np.random.default_rng(0).uniform(0, 1, digits.dim)  # white noise, nothing like a digit
+    findings = run(det, X)
+    per_record = [f for f in findings if f.title == "Out-of-distribution input"]
+    assert [f.related_ids for f in per_record] == [("r17",)]
+    f = per_record[0]
+    assert f.family == "drift" and f.attacks == () and f.actor == "c17" and f.window == "r17"
+    assert f.evidence["ood_p"] < 1e-6
+
+
+def test_no_false_alarm_on_benign_traffic(digits, artifacts) -> None:
+    det = fitted(digits, artifacts)
+    assert run(det, benign(digits, 30_000, seed=4)) == []
+
+
+def test_covariate_shift_is_one_episode_naming_shifted_records(digits, artifacts) -> None:
+    det = fitted(digits, artifacts)
+    X = np.concatenate([benign(digits, 2000, seed=5), noisy(digits, 3000, seed=6)])
+    findings = run(det, X)
+    episodes = [f for f in findings if f.title.startswith("Covariate")]
+    assert len(episodes) == 1, "a persistent shift is one episode, not one finding per alarm"
+    f = episodes[0]
+    first_shifted = 2000
+    last = max(int(rid[1:]) for rid in f.related_ids)
+    assert last - first_shifted < 500, "a moderate shift must be flagged within 500 records"
+    assert all(int(rid[1:]) >= first_shifted - 20 for rid in f.related_ids)
+    assert f.attacks == () and f.evidence["cusum"] > f.evidence["threshold"]
+    assert f.window.startswith("covariate:m:")
+
+
+def test_label_shift_is_caught_by_the_class_prior_test(digits, artifacts) -> None:
+    det = fitted(digits, artifacts)
+    rng = np.random.default_rng(7)
+    y_ok = rng.choice(10, 1500)
+    y_shift = np.where(rng.random(1500) < 0.7, rng.choice(2, 1500), rng.choice(10, 1500))
+    X = benign(digits, 3000, seed=8)
+    findings = run(det, X, labels=np.concatenate([y_ok, y_shift]))
+    shift = [f for f in findings if f.evidence.get("channel") == "label"]
+    assert len(shift) == 1 and shift[0].evidence["p"] < 1e-7
+    assert min(int(rid[1:]) for rid in shift[0].related_ids) >= 1200
+
+
+def test_state_round_trip_mid_shift_gives_the_same_findings(digits, artifacts, tmp_path: Path) -> None:
+    X = np.concatenate([benign(digits, 1024, seed=9), noisy(digits, 2048, seed=10, sigma=0.05)])
+    det = fitted(digits, artifacts)
+    stream = list(batches(X))
+    before = []
+    for b in stream[:2]:
+        before += det.update(b, {})
+    save_tree(tmp_path / "art.npz", det.artifacts())
+    save_tree(tmp_path / "state.npz", det.state_dict())
+    twin = make(digits)
+    twin.load_artifacts(load_tree(tmp_path / "art.npz"))
+    twin.load_state_dict(load_tree(tmp_path / "state.npz"))
+    a, b_ = [], []
+    for b in stream[2:]:
+        a += det.update(b, {})
+        b_ += twin.update(b, {})
+    key = lambda fs: [(f.uid, f.related_ids, f.evidence.get("cusum")) for f in fs]  # noqa: E731
+    assert key(a) == key(b_)
+    assert any(f.title.startswith("Covariate") for f in a), "the shift that spans the restart is still caught"
+
+
+def test_models_are_tracked_separately_and_bounded(digits, artifacts) -> None:
+    det = fitted(digits, artifacts, max_models=2)
+    for m in ("a", "b", "c"):
+        run(det, benign(digits, 100, seed=11), model=m)
+    assert list(det._models) == ["b", "c"] and det.state_dict()["counters"]["evicted_models"] == 1
+
+
+def test_unfitted_detector_says_what_to_do(digits) -> None:
+    with pytest.raises(RuntimeError, match="inferwatch train"):
+        make(digits).update(next(batches(benign(digits, 10, seed=1))), {})
+
+
+def test_throughput_at_batch_512(digits, artifacts) -> None:
+    det = fitted(digits, artifacts)
+    stream = list(batches(benign(digits, 51_200, seed=12)))
+    started = time.perf_counter()
+    for b in stream:
+        det.update(b, {})
+    rate = 51_200 / (time.perf_counter() - started)
+    print(f"drift_vae: {rate:,.0f} records/s at batch 512 (64 features, CPU)")
+    assert rate > 50_000
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_matches_cpu(digits, artifacts) -> None:
+    X = np.concatenate([benign(digits, 1000, seed=13), noisy(digits, 1000, seed=14)])
+    cpu, gpu = fitted(digits, artifacts), fitted(digits, artifacts, device="cuda")
+    na, nb = {}, {}
+    cpu.update(next(batches(X, size=len(X))), na)
+    gpu.update(next(batches(X, size=len(X))), nb)
+    np.testing.assert_allclose(na["ood_p"], nb["ood_p"], rtol=0.05, atol=1e-3)
+
+
+def test_fit_on_cuda_when_available() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    ds = data.load("tabular")
+    det = make(ds, "cuda", epochs=20)
+    det.fit(ReferenceData(ds.X_train, ds.y_train, ds.input_shape))
+    assert next(det.vae.parameters()).device.type == "cuda"
+
+
+@pytest.mark.slow
+def test_evaluate_quick_meets_the_drift_goals() -> None:
+    from agent.scenarios import drift
+
+    report = drift.evaluate(torch.device("cpu"), quick=True)
+    assert report["false_alarms"] == 0
+    covariate = [v for v in report["variants"] if v["variant"] != "class-prior shift"]
+    caught = [v for v in covariate if v["detected"]]
+    assert len(caught) >= len(covariate) - 1, report["variants"]
+    assert all(v["events_to_detect"] <= 500 for v in caught)
+    prior = [v for v in report["variants"] if v["variant"] == "class-prior shift"]
+    assert prior and all(v["detected"] and v["events_to_detect"] <= 500 for v in prior)
+    assert report["events_to_detect"] <= 500
