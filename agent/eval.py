@@ -45,7 +45,7 @@ def print_report(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=max(160, Console().width))
     summary = Table(title=f"inferwatch eval ({report['device']}{', quick' if report['quick'] else ''})")
     for col in ("family", "detected", "figures"):
         summary.add_column(col)
@@ -58,13 +58,13 @@ def print_report(report: dict[str, Any]) -> None:
         variants = sec.get("variants") or []
         if not variants:
             continue
-        keys = [k for k in variants[0] if k != "name"]
+        keys = [k for k in variants[0] if k not in ("name", "variant") and not isinstance(variants[0][k], dict | list)]
         t = Table(title=f"{fam}: variants")
         t.add_column("variant")
         for k in keys:
             t.add_column(k)
         for v in variants:
-            t.add_row(str(v.get("name")), *(_fmt(v.get(k)) for k in keys))
+            t.add_row(str(v.get("name") or v.get("variant")), *(_fmt(v.get(k)) for k in keys))
         console.print(t)
         if sec.get("detector_aware"):
             console.print(f"  detector-aware attack: {sec['detector_aware']}")

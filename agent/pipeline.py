@@ -83,7 +83,7 @@ class Pipeline:
 
     def detect(self, decoded: DecodedBatch, scope: Any) -> list[Finding]:
         findings: list[Finding] = []
-        notes: dict[str, Any] = {}
+        notes: dict[str, Any] = {"findings": findings}  # later detectors may read earlier ones' findings
         for det in self.detectors:
             batch = decoded.inference if det.stream == "inference" else decoded.feedback
             if batch is None or len(batch) == 0:

@@ -17,7 +17,8 @@ Lifecycle::
 
 ``notes`` is a per-batch dict that detectors earlier in ``priority`` order may
 fill with per-record arrays for later ones (the VAE's OOD p-values feed the
-extraction detector's out-of-distribution share).
+extraction detector's out-of-distribution share). ``notes["findings"]`` is the
+list of findings raised so far in this batch by earlier detectors.
 """
 
 from __future__ import annotations

@@ -33,6 +33,16 @@ Three things come out of one score:
 
 Time comes from the records' ``ts``; an episode stays open (and silent) until
 ``quiet_records`` records pass without a new alarm, so one drift is one finding.
+
+Drift is a property of the population, not of a few clients: attackers sending
+out-of-distribution queries (synthetic extraction queries, probing) would
+otherwise open a drift episode that then hides a real drift arriving while
+they are active. Each client's share of far-out records is tracked (EWMA,
+bounded LRU table); records of established clients whose share is high are
+left out of the drift tests *while such clients are a small minority* of the
+clients in the batch (``concentrated_max_share``). A real drift
+moves everyone, so it is never filtered away; the attackers' records still get
+their per-record findings and feed the extraction detector.
 """
 
 from __future__ import annotations
@@ -49,6 +59,7 @@ from torch import nn
 from agent.findings import MAX_RELATED, Finding, Severity
 from agent.records import InferenceBatch
 from agent.reference import ReferenceData
+from detectors._client_slots import ClientSlots
 from detectors._conformal import ConformalCalibrator
 from detectors.base import Detector, DetectorOptions
 
@@ -115,6 +126,15 @@ class DriftVAE(Detector):
         quiet_records: int = Field(5000, ge=1,
                                    description="records without a new alarm after which a drift episode is closed")
         max_models: int = Field(256, ge=1, description="models tracked at once (least recently seen evicted)")
+        client_ewma: float = Field(0.05, gt=0, le=1, description="per-record weight of a client's far-out share")
+        client_min_records: int = Field(8, ge=1, description="records before a client's share is trusted")
+        client_far_p: float = Field(0.01, gt=0, lt=1, description="p-value below which a record counts as far out")
+        client_far_share: float = Field(0.5, gt=0, le=1,
+                                        description="far-out share above which a client is individually anomalous")
+        concentrated_max_share: float = Field(
+            0.2, gt=0, le=1, description="anomalous clients are left out of the drift tests only while they are "
+                                         "fewer than this share of the distinct clients in a batch")
+        max_clients: int = Field(100_000, ge=1, description="clients tracked for attribution (LRU)")
 
     def __init__(self, options: DetectorOptions, context):
         super().__init__(options, context)
@@ -128,7 +148,10 @@ class DriftVAE(Detector):
         self.n_fit = 0
         self._models: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._counters = {"records": 0, "record_findings": 0, "record_findings_capped": 0, "episodes": 0,
-                          "evicted_models": 0}
+                          "evicted_models": 0, "attributed_to_clients": 0}
+        self._slots = ClientSlots(options.max_clients)
+        self._far_share = np.zeros(0, np.float64)  # per client slot: EWMA of far-out records
+        self._seen = np.zeros(0, np.int64)  # per client slot: records seen
 
     # ------------------------------------------------------------------ fitting
     def fit(self, reference: ReferenceData) -> None:
@@ -228,9 +251,11 @@ class DriftVAE(Detector):
         notes["ood_p"] = p_tail
         self._counters["records"] += len(batch)
         findings = self._record_findings(batch, p_tail, scores)
+        population = self._population(batch, p_tail)
         models = np.asarray(batch.models, dtype=object)
         for model in dict.fromkeys(batch.models):
             idx = np.flatnonzero(models == model) if len(set(batch.models)) > 1 else np.arange(len(batch))
+            idx = idx[population[idx]]
             state = self._model_state(model)
             for channel in _COVARIATE:
                 findings += self._covariate(state, channel, model, batch, idx, p_rank[channel])
@@ -238,6 +263,30 @@ class DriftVAE(Detector):
             if self.class_freq is not None:
                 findings += self._label_shift(state, model, batch, idx)
         return findings
+
+    def _population(self, batch: InferenceBatch, p_tail: np.ndarray) -> np.ndarray:
+        """Rows that speak for the population: all, minus those of a small minority of anomalous clients."""
+        slots, fresh = self._slots.assign(batch.clients)
+        need = self._slots.high_water
+        if len(self._far_share) < need:
+            grow = max(need, 2 * len(self._far_share))
+            self._far_share = np.resize(self._far_share, grow)
+            self._seen = np.resize(self._seen, grow)
+        self._far_share[fresh] = 0.0
+        self._seen[fresh] = 0
+        far = (p_tail < self.opts.client_far_p).astype(np.float64)
+        uniq, inv, counts = np.unique(slots, return_inverse=True, return_counts=True)
+        far_mean = np.bincount(inv, weights=far) / counts
+        w = 1.0 - (1.0 - self.opts.client_ewma) ** counts
+        self._far_share[uniq] = (1.0 - w) * self._far_share[uniq] + w * far_mean
+        self._seen[uniq] += counts
+        established = self._seen[uniq] >= self.opts.client_min_records
+        anomalous = established & (self._far_share[uniq] > self.opts.client_far_share)
+        keep = np.ones(len(batch), bool)
+        if anomalous.any() and anomalous.sum() < self.opts.concentrated_max_share * len(uniq):
+            keep = ~anomalous[inv]
+            self._counters["attributed_to_clients"] += int((~keep).sum())
+        return keep
 
     def _record_findings(self, batch: InferenceBatch, p: np.ndarray, scores: np.ndarray) -> list[Finding]:
         far = np.flatnonzero(p < self.opts.record_p)
@@ -452,7 +501,9 @@ class DriftVAE(Detector):
                                  "sums": np.asarray(state["feature_mean"]["sums"], np.float64)},
                 "label": {**lab, "ids": list(lab["ids"]), "counts": np.asarray(lab["counts"], np.float64)},
             })
-        return {"models": models, "counters": dict(self._counters)}
+        n = self._slots.high_water
+        return {"models": models, "counters": dict(self._counters), "clients": self._slots.state_dict(),
+                "far_share": self._far_share[:n].copy(), "seen": self._seen[:n].copy()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._models = OrderedDict()
@@ -465,6 +516,9 @@ class DriftVAE(Detector):
             restored["feature_mean"]["sums"] = np.asarray(restored["feature_mean"]["sums"], np.float64)
             self._models[entry["model"]] = restored
         self._counters.update(state["counters"])
+        self._slots.load_state_dict(state["clients"])
+        self._far_share = np.asarray(state["far_share"], np.float64).copy()
+        self._seen = np.asarray(state["seen"], np.int64).copy()
 
 
 def _episode() -> dict[str, Any]:

@@ -211,3 +211,29 @@ def test_evaluate_quick_meets_the_drift_goals() -> None:
     prior = [v for v in report["variants"] if v["variant"] == "class-prior shift"]
     assert prior and all(v["detected"] and v["events_to_detect"] <= 500 for v in prior)
     assert report["events_to_detect"] <= 500
+
+
+def test_a_few_ood_clients_do_not_open_a_drift_episode_that_hides_real_drift(digits, artifacts) -> None:
+    """Attackers' out-of-distribution queries are theirs, not the population's: a later real drift still shows."""
+    det = fitted(digits, artifacts)
+    rng = np.random.default_rng(3)
+    n = 6000
+    X = benign(digits, n, seed=21)
+    clients = [f"c{j % 200}" for j in range(n)]
+    attack = rng.random(n) < 0.15  # 15 % of the traffic: three clients sending uniform noise
+    X[attack] = rng.uniform(0, 1, (attack.sum(), digits.dim)).astype(np.float32)
+    for j in np.flatnonzero(attack):
+        clients[j] = f"attacker-{j % 3}"
+    found = []
+    for i in range(0, n, 500):
+        sl = slice(i, i + 500)
+        m = len(X[sl])
+        b = InferenceBatch(ids=tuple(f"a{j}" for j in range(i, i + m)), ts=0.05 * np.arange(i, i + m),
+                           models=("m",) * m, model_versions=(None,) * m, clients=tuple(clients[sl]), X=X[sl],
+                           probs=None, labels=np.full(m, -1, np.int64))
+        found += [f for f in det.update(b, {}) if f.title != "Out-of-distribution input"]
+    assert found == [], [f.title for f in found]
+    assert det.state_dict()["counters"]["attributed_to_clients"] > 0
+    shifted = run(det, noisy(digits, 2000, seed=22), start_ts=400.0, prefix="s")
+    episodes = [f for f in shifted if f.title != "Out-of-distribution input"]
+    assert len(episodes) >= 1 and episodes[0].related_ids[0].startswith("s")
