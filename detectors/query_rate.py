@@ -2,15 +2,18 @@
 
 Black-box attacks (extraction, score-based evasion, membership probing) need
 thousands of queries; a client far above its peers' rate is worth a look even
-before the content of its queries says anything. Sliding window in event time,
-bucketed, per client, in bounded memory (least recently seen clients are
-evicted and counted). One finding per episode: raised when a client crosses
-``max_queries`` within ``window_s``, re-armed once it falls below half of it.
+before the content of its queries says anything. Sliding window in event time
+(``BUCKETS`` buckets per window), per client, vectorised over the batch, in
+bounded memory: client state lives in arrays indexed by a slot of a bounded LRU
+table (least recently seen clients are evicted and counted). One finding per
+episode: raised when a client crosses ``max_queries`` within ``window_s``,
+re-armed once it falls below half of it. Record ids are kept only for clients
+on the watch list (above a quarter of the threshold), so memory stays small.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import deque
 from typing import Any, ClassVar
 
 import numpy as np
@@ -18,6 +21,7 @@ from pydantic import Field
 
 from agent.findings import Finding, Severity
 from agent.records import InferenceBatch
+from detectors._client_slots import ClientSlots
 from detectors.base import Detector, DetectorOptions
 
 BUCKETS = 12
@@ -28,17 +32,6 @@ class QueryRateOptions(DetectorOptions):
     max_queries: int = Field(1200, ge=1, description="queries per window above which a client is flagged")
     max_clients: int = Field(100_000, ge=1, description="per-client state bound; LRU eviction beyond it")
     max_related: int = Field(200, ge=1, description="record ids named in a finding")
-
-
-class _Client:
-    __slots__ = ("alerted", "counts", "episode_start", "epoch", "recent")
-
-    def __init__(self) -> None:
-        self.counts = np.zeros(BUCKETS, np.int64)
-        self.epoch = -1  # index of the newest bucket
-        self.alerted = False
-        self.episode_start = 0.0
-        self.recent: list[str] = []
 
 
 class QueryRate(Detector):
@@ -52,56 +45,78 @@ class QueryRate(Detector):
         super().__init__(options, context)
         self.options: QueryRateOptions = options
         self._bucket_s = options.window_s / BUCKETS
-        self._clients: OrderedDict[str, _Client] = OrderedDict()
-        self.evictions = 0
+        self._slots = ClientSlots(options.max_clients)
+        self._counts = np.zeros((0, BUCKETS), np.int64)
+        self._epoch = np.zeros(0, np.int64)  # newest bucket index per slot
+        self._alerted = np.zeros(0, bool)
+        self._episode_start = np.zeros(0, np.float64)
+        self._watch: dict[int, deque[str]] = {}  # slot -> recent ids, for clients near the threshold
 
-    def _client(self, cid: str) -> _Client:
-        c = self._clients.get(cid)
-        if c is None:
-            c = self._clients[cid] = _Client()
-            if len(self._clients) > self.options.max_clients:
-                self._clients.popitem(last=False)
-                self.evictions += 1
-        else:
-            self._clients.move_to_end(cid)
-        return c
+    @property
+    def evictions(self) -> int:
+        return self._slots.evictions
 
-    def _advance(self, c: _Client, epoch: int) -> None:
-        if c.epoch < 0 or epoch - c.epoch >= BUCKETS:
-            c.counts[:] = 0
-        elif epoch > c.epoch:
-            for e in range(c.epoch + 1, epoch + 1):
-                c.counts[e % BUCKETS] = 0
-        c.epoch = max(c.epoch, epoch)
+    def _grow(self) -> None:
+        need = self._slots.high_water
+        if len(self._epoch) >= need:
+            return
+        size = max(need, 2 * len(self._epoch), 64)
+        self._counts = np.vstack([self._counts, np.zeros((size - len(self._counts), BUCKETS), np.int64)])
+        for name, fill in (("_epoch", -(1 << 40)), ("_alerted", False), ("_episode_start", 0.0)):
+            arr = getattr(self, name)
+            setattr(self, name, np.concatenate([arr, np.full(size - len(arr), fill, arr.dtype)]))
 
     def update(self, batch: InferenceBatch, notes: dict[str, Any]) -> list[Finding]:
         if len(batch) == 0:
             return []
-        findings = []
-        clients = np.asarray(batch.clients, dtype=object)
-        order = np.argsort(clients, kind="stable")
-        uniq, starts = np.unique(clients[order], return_index=True)
-        bounds = [*starts.tolist(), len(order)]
+        slots, fresh = self._slots.assign(batch.clients)
+        self._grow()
+        if fresh:
+            self._counts[fresh] = 0
+            self._epoch[fresh] = -(1 << 40)
+            self._alerted[fresh] = False
+            for s in fresh:
+                self._watch.pop(s, None)
         epochs = np.floor(batch.ts / self._bucket_s).astype(np.int64)
-        for j, cid in enumerate(uniq.tolist()):
-            rows = order[bounds[j] : bounds[j + 1]]
-            c = self._client(cid)
-            for e, n in zip(*np.unique(epochs[rows], return_counts=True)):
-                if e <= c.epoch - BUCKETS:
-                    continue  # older than the window: late data, ignore
-                self._advance(c, int(e))
-                c.counts[e % BUCKETS] += n
-            c.recent = (c.recent + [batch.ids[i] for i in rows.tolist()])[-self.options.max_related :]
-            total = int(c.counts.sum())
-            if not c.alerted and total > self.options.max_queries:
-                c.alerted = True
-                c.episode_start = float(batch.ts[rows[0]])
-                findings.append(self._finding(cid, c, total, batch.models[rows[0]]))
-            elif c.alerted and total < self.options.max_queries // 2:
-                c.alerted = False
+        uniq, inv = np.unique(slots, return_inverse=True)
+        newest = np.maximum(self._epoch[uniq], np.maximum.reduceat(
+            epochs[np.argsort(inv, kind="stable")], np.r_[0, np.cumsum(np.bincount(inv))[:-1]]))
+        # zero the buckets that slid out of each client's window
+        age = (np.arange(BUCKETS)[None, :] - self._epoch[uniq, None]) % BUCKETS  # steps after the old newest
+        stale = (age >= 1) & (age <= (newest - self._epoch[uniq])[:, None])
+        stale |= ((newest - self._epoch[uniq]) >= BUCKETS)[:, None]
+        block = self._counts[uniq]
+        block[stale] = 0
+        self._counts[uniq] = block
+        self._epoch[uniq] = newest
+        live = epochs > newest[inv] - BUCKETS  # late rows older than the window are ignored
+        np.add.at(self._counts, (slots[live], epochs[live] % BUCKETS), 1)
+        totals = self._counts[uniq].sum(axis=1)
+        self._alerted[uniq[self._alerted[uniq] & (totals < self.options.max_queries // 2)]] = False
+        self._remember(batch, slots, uniq, totals)
+        findings = []
+        for j in np.flatnonzero(~self._alerted[uniq] & (totals > self.options.max_queries)).tolist():
+            s = int(uniq[j])
+            self._alerted[s] = True
+            rows = np.flatnonzero(inv == j)
+            self._episode_start[s] = float(batch.ts[rows[0]])
+            findings.append(self._finding(batch.clients[rows[0]], s, int(totals[j]), batch.models[rows[0]]))
         return findings
 
-    def _finding(self, cid: str, c: _Client, total: int, model: str) -> Finding:
+    def _remember(self, batch: InferenceBatch, slots: np.ndarray, uniq: np.ndarray, totals: np.ndarray) -> None:
+        """Keep recent record ids only for clients above a quarter of the threshold (the watch list)."""
+        watched = uniq[totals > self.options.max_queries // 4]
+        for s in watched.tolist():
+            if s not in self._watch:
+                self._watch[s] = deque(maxlen=self.options.max_related)
+        for s in (set(self._watch) - set(watched.tolist())) & set(uniq.tolist()):
+            del self._watch[s]
+        if not self._watch:
+            return
+        for i in np.flatnonzero(np.isin(slots, watched)).tolist():
+            self._watch[int(slots[i])].append(batch.ids[i])
+
+    def _finding(self, cid: str, slot: int, total: int, model: str) -> Finding:
         rate = total / self.options.window_s
         return Finding(
             family=self.family, detector=self.name, severity=Severity.LOW,
@@ -109,33 +124,28 @@ class QueryRate(Detector):
             message=(f"Client {cid} sent {total} queries within {self.options.window_s:g} s "
                      f"({rate:.1f}/s, threshold {self.options.max_queries}); black-box attacks "
                      "(extraction, score-based evasion, membership probing) need floods like this."),
-            actor=cid, model=model, related_ids=tuple(c.recent), window=f"{int(c.episode_start)}",
+            actor=cid, model=model, related_ids=tuple(self._watch.get(slot, ())),
+            window=f"{int(self._episode_start[slot])}",
             evidence={"queries_in_window": total, "window_s": self.options.window_s,
                       "threshold": self.options.max_queries, "rate_per_s": round(rate, 3)},
             attacks=("AML.T0043.001",), confidence=min(1.0, total / (2 * self.options.max_queries)),
         )
 
     def state_dict(self) -> dict[str, Any]:
-        ids = list(self._clients)
-        cs = [self._clients[i] for i in ids]
+        n = self._slots.high_water
         return {
-            "clients": ids,
-            "counts": np.stack([c.counts for c in cs]) if cs else np.zeros((0, BUCKETS), np.int64),
-            "epochs": np.asarray([c.epoch for c in cs], np.int64),
-            "alerted": np.asarray([c.alerted for c in cs], bool),
-            "episode_start": np.asarray([c.episode_start for c in cs], np.float64),
-            "recent": [c.recent for c in cs],
-            "evictions": self.evictions,
+            "slots": self._slots.state_dict(),
+            "counts": self._counts[:n].copy(), "epochs": self._epoch[:n].copy(),
+            "alerted": self._alerted[:n].copy(), "episode_start": self._episode_start[:n].copy(),
+            "watch_slots": np.asarray(list(self._watch), np.int64),
+            "watch_ids": [list(d) for d in self._watch.values()],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._clients.clear()
-        for i, cid in enumerate(state["clients"]):
-            c = _Client()
-            c.counts = np.asarray(state["counts"][i], np.int64).copy()
-            c.epoch = int(state["epochs"][i])
-            c.alerted = bool(state["alerted"][i])
-            c.episode_start = float(state["episode_start"][i])
-            c.recent = list(state["recent"][i])
-            self._clients[cid] = c
-        self.evictions = int(state["evictions"])
+        self._slots.load_state_dict(state["slots"])
+        self._counts = np.asarray(state["counts"], np.int64).reshape(-1, BUCKETS).copy()
+        self._epoch = np.asarray(state["epochs"], np.int64).copy()
+        self._alerted = np.asarray(state["alerted"], bool).copy()
+        self._episode_start = np.asarray(state["episode_start"], np.float64).copy()
+        self._watch = {int(s): deque(ids, maxlen=self.options.max_related)
+                       for s, ids in zip(state["watch_slots"].tolist(), state["watch_ids"])}

@@ -56,5 +56,5 @@ def test_memory_bound_evicts_least_recent() -> None:
     d = det(max_clients=1000)
     for i in range(10):
         d.update(batch([f"c{i}-{j}" for j in range(500)], np.full(500, float(i))), {})
-    assert len(d.state_dict()["clients"]) == 1000
+    assert len(d.state_dict()["slots"]["clients"]) == 1000
     assert d.evictions == 4000
