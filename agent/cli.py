@@ -86,6 +86,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
                      scale_out=not args.no_scale_out)
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from agent.audit import AuditInputError, run_audit
+
+    try:
+        return run_audit(args.old, args.new, args.reference, quarantine_path=args.quarantine, gates_path=args.gates,
+                         config_path=args.config, as_json=args.json, device=args.device)
+    except AuditInputError as exc:
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        return EXIT_USAGE
+
+
 def cmd_broker(args: argparse.Namespace) -> int:
     from agent.broker import EmbeddedBroker
 
@@ -138,6 +150,18 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--features", type=int, default=64)
     s.add_argument("--no-scale-out", action="store_true", help="skip the two-process consumer-group measurement")
     s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("audit", help="compare two model versions offline; exit 1 when a gate fails")
+    s.add_argument("--old", required=True, help="the serving version, a torch.export program (.pt2)")
+    s.add_argument("--new", required=True, help="the candidate version, a torch.export program (.pt2)")
+    s.add_argument("--reference", required=True, help="labelled clean data: .npz with X (its shape is the input "
+                                                      "shape) and y, or JSONL of events")
+    s.add_argument("--quarantine", help="quarantine JSONL (the quarantine sink's output): trigger candidates")
+    s.add_argument("--gates", help="YAML of gate limits (configs/audit.example.yaml); built-in defaults without")
+    s.add_argument("-c", "--config", help="agent configuration whose sinks receive the finding of a failed audit")
+    s.add_argument("--json", action="store_true", help="the report as JSON on stdout")
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_audit)
 
     s = sub.add_parser("broker", help="run the embedded Kafka-compatible broker in the foreground")
     s.add_argument("--port", type=int, default=9092)
