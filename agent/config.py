@@ -101,7 +101,9 @@ class AgentConfig(_Strict):
     state: StateOptions = Field(default_factory=StateOptions)
     device: str = "auto"
     detectors: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    sinks: list[dict[str, Any]] = Field(default_factory=list)
+    # Raw sections after ${VAR} expansion: they hold secrets in clear text, so they never print or dump;
+    # the typed sink_options (SecretStr-masked) are what everything else uses.
+    sinks: list[dict[str, Any]] = Field(default_factory=list, repr=False, exclude=True)
     delivery: dict[str, Any] = Field(default_factory=dict)
     telemetry: dict[str, Any] = Field(default_factory=dict)
 

@@ -9,7 +9,9 @@ must return ``SUCCESS`` only once the findings are delivered or durably spooled.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import logging
 import pkgutil
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -19,6 +21,8 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from agent.findings import Finding, Severity
+
+log = logging.getLogger(__name__)
 
 
 class ExportResult(Enum):
@@ -54,6 +58,16 @@ class Sink(ABC):
     type_name: ClassVar[str]
     Options: ClassVar[type[SinkOptions]]
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Give every sink OpenTelemetry's exporter lifecycle without each one re-implementing it:
+        ``shutdown()`` runs once however often it is called, and ``export()`` after it is a FAILURE
+        that touches nothing (a closed sink must not reconnect and deliver behind the caller's back)."""
+        super().__init_subclass__(**kwargs)
+        if "export" in vars(cls):
+            cls.export = _refuse_after_shutdown(vars(cls)["export"])  # type: ignore[method-assign]
+        if "shutdown" in vars(cls):
+            cls.shutdown = _run_once(vars(cls)["shutdown"])  # type: ignore[method-assign]
+
     def __init__(self, options: SinkOptions):
         self.options = options
         self.name = options.name or options.type
@@ -69,8 +83,31 @@ class Sink(ABC):
         """Push out anything buffered; True when nothing is left pending."""
         return True
 
-    def shutdown(self) -> None:  # noqa: B027
+    def shutdown(self) -> None:
         """Flush and release resources; no export after this."""
+        self._shut_down = True
+
+
+def _refuse_after_shutdown(export: Any) -> Any:
+    @functools.wraps(export)
+    def guarded(self: Sink, findings: Sequence[Finding]) -> ExportResult:
+        if getattr(self, "_shut_down", False):
+            log.warning("sink %s: export() after shutdown(); %d findings not sent", self.name, len(findings))
+            return ExportResult.FAILURE
+        return export(self, findings)
+
+    return guarded
+
+
+def _run_once(shutdown: Any) -> Any:
+    @functools.wraps(shutdown)
+    def once(self: Sink) -> None:
+        if getattr(self, "_shut_down", False):
+            return
+        self._shut_down = True
+        shutdown(self)
+
+    return once
 
 
 def registry() -> dict[str, type[Sink]]:
