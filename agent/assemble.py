@@ -69,16 +69,17 @@ def build_pipeline(cfg: AgentConfig) -> Pipeline:
     restored = checkpoint.restore(detectors)
     if restored:
         log.info("restored detector state from %s: %s", cfg.state.dir, ", ".join(restored))
+    telemetry = Telemetry(cfg.telemetry_options, cfg.source.group_id)
     sinks_by_type = sink_registry()
     sinks = [sinks_by_type[o.type](o) for o in cfg.sink_options]
-    delivery = Delivery(sinks, cfg.delivery_options, Path(cfg.state.dir) / "spool")
+    delivery = Delivery(sinks, cfg.delivery_options, Path(cfg.state.dir) / "spool",
+                        on_failure=telemetry.delivery_failure)
     if cfg.source.type == "file":
         dead = FileDeadLetters(cfg.deadletter.path or Path(cfg.state.dir) / "deadletter.jsonl",
                                cfg.deadletter.max_value_bytes)
     else:
         dead = KafkaDeadLetters(cfg.kafka, cfg.deadletter.topic, cfg.deadletter.max_value_bytes)
     source = build_source(cfg)
-    telemetry = Telemetry(cfg.telemetry_options, cfg.source.group_id)
     decoder = build_decoder(cfg, context.input_dim, context.n_classes)
     pipeline = Pipeline(source, decoder, detectors, delivery, dead, telemetry, checkpoint)
     # Gauges read cached values: kafka-python clients must not be touched from the metrics thread.

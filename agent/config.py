@@ -131,7 +131,9 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return out or "(top level)"
 
 
-def _problems(origin: str, prefix: tuple[Any, ...], exc: ValidationError) -> list[str]:
+def _problems(origin: str, prefix: tuple[Any, ...], exc: ValidationError, unset: frozenset[str] = frozenset()
+              ) -> list[str]:
+    """One line per validation error; keys whose ``${VAR}`` was unset are skipped (reported once already)."""
     lines = []
     for err in exc.errors():
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
@@ -140,21 +142,26 @@ def _problems(origin: str, prefix: tuple[Any, ...], exc: ValidationError) -> lis
             msg = "unknown key; check the spelling against README's configuration reference"
         elif err["type"] == "missing":
             msg = "required key is missing"
-        elif "input" in err and err["type"] not in ("model_type",) and not isinstance(err["input"], dict | list):
+        elif ("input" in err and err["type"] not in ("model_type",) and not isinstance(err["input"], dict | list)
+              and "got " not in msg):
             msg = f"{msg}, got {err['input']!r}"
-        lines.append(f"{origin}: {_loc(prefix + loc)}: {msg}")
+        where = _loc(prefix + loc)
+        if where in unset:
+            continue  # already reported: the ${VAR} behind this value is not set
+        lines.append(f"{origin}: {where}: {msg}")
     return lines
 
 
 def expand_env(tree: Any, origin: str, path: tuple[Any, ...] = (), problems: list[str] | None = None,
-               environ: dict[str, str] | None = None) -> Any:
+               environ: dict[str, str] | None = None, unset: set[str] | None = None) -> Any:
     """Expand ``${VAR}`` / ``${VAR:-default}`` in every string of a parsed YAML tree."""
     env = os.environ if environ is None else environ
     problems = [] if problems is None else problems
+    unset = set() if unset is None else unset
     if isinstance(tree, dict):
-        return {k: expand_env(v, origin, (*path, k), problems, env) for k, v in tree.items()}
+        return {k: expand_env(v, origin, (*path, k), problems, env, unset) for k, v in tree.items()}
     if isinstance(tree, list):
-        return [expand_env(v, origin, (*path, i), problems, env) for i, v in enumerate(tree)]
+        return [expand_env(v, origin, (*path, i), problems, env, unset) for i, v in enumerate(tree)]
     if not isinstance(tree, str):
         return tree
 
@@ -166,6 +173,7 @@ def expand_env(tree: Any, origin: str, path: tuple[Any, ...] = (), problems: lis
             return default
         problems.append(f"{origin}: {_loc(path)}: environment variable {name} is not set; "
                         f"set it or write ${{{name}:-default}}")
+        unset.add(_loc(path))
         return ""
 
     return _VAR.sub(sub, tree)
@@ -193,12 +201,14 @@ def load_config(path: str | Path, environ: dict[str, str] | None = None) -> Agen
         raise ConfigError([f"{origin}: (top level): expected a mapping of sections, got {type(raw).__name__}"])
 
     problems: list[str] = []
-    tree = expand_env(raw, origin, (), problems, environ)
+    unset_paths: set[str] = set()
+    tree = expand_env(raw, origin, (), problems, environ, unset_paths)
+    unset = frozenset(unset_paths)
     cfg: AgentConfig | None = None
     try:
         cfg = AgentConfig.model_validate(tree)
     except ValidationError as exc:
-        problems += _problems(origin, (), exc)
+        problems += _problems(origin, (), exc, unset)
     # The sections below are checked even when the top level failed: report every problem at once.
     detector_options, sink_options = {}, []
     detectors = detector_registry()
@@ -210,7 +220,7 @@ def load_config(path: str | Path, environ: dict[str, str] | None = None) -> Agen
         try:
             detector_options[name] = detectors[name].Options.model_validate(opts or {})
         except ValidationError as exc:
-            problems += _problems(origin, ("detectors", name), exc)
+            problems += _problems(origin, ("detectors", name), exc, unset)
 
     sinks = sink_registry()
     names: set[str] = set()
@@ -225,7 +235,7 @@ def load_config(path: str | Path, environ: dict[str, str] | None = None) -> Agen
         try:
             parsed = sinks[kind].Options.model_validate(opts)
         except ValidationError as exc:
-            problems += _problems(origin, ("sinks", i), exc)
+            problems += _problems(origin, ("sinks", i), exc, unset)
             continue
         label = parsed.name or parsed.type
         if label in names:
@@ -238,7 +248,7 @@ def load_config(path: str | Path, environ: dict[str, str] | None = None) -> Agen
         try:
             sections[key] = model.model_validate(tree.get(key) or {})
         except ValidationError as exc:
-            problems += _problems(origin, (key,), exc)
+            problems += _problems(origin, (key,), exc, unset)
 
     overrides = tree.get("delivery", {}).get("sinks", {}) if isinstance(tree.get("delivery"), dict) else {}
     for name in overrides if isinstance(overrides, dict) else ():

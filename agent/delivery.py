@@ -656,8 +656,9 @@ class _Lane:
     """Everything between the pipeline and one sink. Lock order: offer -> send -> state."""
 
     def __init__(self, sink: Sink, options: LaneOptions, directory: Path, clock: Clock, wall_clock: Clock,
-                 stop: threading.Event):
+                 stop: threading.Event, on_failure: Callable[[str, int], None] | None = None):
         self.sink, self.options, self.name = sink, options, sink.name
+        self.on_failure = on_failure
         self.clock, self.wall_clock, self._stop = clock, wall_clock, stop
         self.spool = Spool(directory, int(options.spool_max_bytes), options.segment_bytes)
         self.aggregator = Aggregator(options.dedup_window_s, options.dedup_key, options.dedup_max_keys,
@@ -722,6 +723,15 @@ class _Lane:
                 return self._spool(records[sent:])
 
     def _export_once(self, batch: Sequence[Finding]) -> bool:
+        ok = self._attempt(batch)
+        if not ok and self.on_failure is not None:
+            try:
+                self.on_failure(self.name, 1)
+            except Exception:
+                log.debug("on_failure callback raised", exc_info=True)
+        return ok
+
+    def _attempt(self, batch: Sequence[Finding]) -> bool:
         try:
             result = self.sink.export(batch)
         except SinkConfigurationError as exc:
@@ -906,7 +916,9 @@ class Delivery:
     """Fan findings out to every sink reliably. See the module docstring for the guarantees."""
 
     def __init__(self, sinks: list[Sink], options: DeliveryOptions | None, spool_dir: Path, *,
-                 clock: Clock = time.monotonic, wall_clock: Clock = time.time):
+                 clock: Clock = time.monotonic, wall_clock: Clock = time.time,
+                 on_failure: Callable[[str, int], None] | None = None):
+        """``on_failure(sink_name, n)`` is called for every failed export attempt (the delivery-failures metric)."""
         options = options or DeliveryOptions()
         self.options = options
         names = [s.name for s in sinks]
@@ -921,8 +933,8 @@ class Delivery:
             raise ValueError(f"delivery.sinks: no sink named {', '.join(unknown)}; the sinks are "
                              f"{', '.join(names) or '(none)'}")
         self._stop = threading.Event()
-        self.lanes = [_Lane(s, options.for_sink(s.name), Path(spool_dir) / s.name, clock, wall_clock, self._stop)
-                      for s in sinks]
+        self.lanes = [_Lane(s, options.for_sink(s.name), Path(spool_dir) / s.name, clock, wall_clock, self._stop,
+                            on_failure) for s in sinks]
         for lane in self.lanes:
             lane.thread.start()
         self._closed = False

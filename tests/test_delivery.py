@@ -353,3 +353,29 @@ def test_aggregator_uid_key_and_key_bound() -> None:
     # a third key closes the oldest window early, and its merged finding goes out as an aggregate
     assert [f.title for f in out] == ["finding 1", "finding 3", "finding 4", "finding 2 (repeated 1x)"]
     assert len(bounded.windows) == 2
+
+
+def test_failed_exports_are_reported_to_the_metrics_callback(tmp_path) -> None:
+    """Every failed export attempt reaches on_failure (the inferwatch.sink.delivery.failures counter)."""
+    from pathlib import Path as _Path
+
+    from agent.delivery import Delivery, DeliveryOptions
+    from agent.findings import Finding, Severity
+    from connectors.jsonl_file import JsonlFileOptions, JsonlFileSink
+
+    if not _Path("/dev/full").exists():
+        import pytest
+
+        pytest.skip("needs /dev/full")
+    calls: list[tuple[str, int]] = []
+    sink = JsonlFileSink(JsonlFileOptions(type="jsonl", name="full", path=_Path("/dev/full"), fsync=False))
+    d = Delivery([sink], DeliveryOptions(retry_max_attempts=2, retry_initial_backoff_s=0.001,
+                                         retry_max_backoff_s=0.001, shutdown_timeout_s=0.2), tmp_path / "spool",
+                 on_failure=lambda name, n: calls.append((name, n)))
+    f = Finding(family="drift", detector="drift_vae", title="t", severity=Severity.LOW, actor="a", model="m",
+                related_ids=("r1",), window="w")
+    try:
+        assert d.deliver([f]) is True  # spooled, so the pipeline may commit
+        assert calls[:2] == [("full", 1), ("full", 1)]
+    finally:
+        d.shutdown()
