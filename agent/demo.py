@@ -92,10 +92,11 @@ def run_demo(out_dir: str | Path = "./inferwatch-demo", duration_s: float | None
         _create_topics(broker.bootstrap)
         service = ModelService(seed=0)
         ds = service.ds
-        np.savez(out / "reference.npz", X=ds.X_train.reshape(-1, *ds.input_shape), y=ds.y_train)
+        np.savez(out / "reference.npz", X=service.X_reference.reshape(-1, *ds.input_shape), y=service.y_reference)
         cfg_path = _config(out, broker.bootstrap)
         cfg = load_config(cfg_path)
-        console.print(f"training {len(cfg.detector_options)} detectors on {len(service.ds.X_train)} reference rows")
+        console.print(f"training {len(cfg.detector_options)} detectors on {len(service.X_reference)} reference rows "
+                      "(validation data the model did not train on)")
         service.model.save(out / "model.pt2")
         train(cfg, out / "reference.npz", out / "model.pt2")
 

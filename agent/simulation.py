@@ -31,7 +31,7 @@ import torch
 
 from agent.model import train_classifier
 from agent.report import Campaign
-from agent.scenarios.data import Dataset, load
+from agent.scenarios.data import Dataset, load, split_for_deployment
 
 TOPICS = {"request": "inferwatch.kserve.request", "response": "inferwatch.kserve.response",
           "feedback": "inferwatch.feedback"}
@@ -65,8 +65,9 @@ class ModelService:
     def __init__(self, seed: int = 0, device: torch.device | None = None):
         self.ds: Dataset = load("digits", seed)
         self.device = device or torch.device("cpu")
-        self.model = train_classifier(self.ds.X_train, self.ds.y_train, self.ds.input_shape, self.device,
-                                      epochs=30, seed=seed)
+        # As a team deploys: the model trains on one part, the rest is validation data the monitor calibrates on.
+        X_model, y_model, self.X_reference, self.y_reference = split_for_deployment(self.ds, seed)
+        self.model = train_classifier(X_model, y_model, self.ds.input_shape, self.device, epochs=40, seed=seed)
         self.name, self.version = "digits-mlp", "1"
 
     def answer(self, X: np.ndarray) -> np.ndarray:

@@ -31,6 +31,14 @@ so that the detector is not tied to one attack's fingerprint:
     covariance, standardised space): perturbations break the correlations
     between features that natural rows keep (tabular rows above all).
 
+Cost and defaults: each squeezer and each noise copy is one more model pass per
+record. Measured on digits and tabular with an honest (validation) reference,
+the extra passes did not help the scorer generalise to held-out attacks
+(digits CW-L2 AUROC 0.981 with none, 0.977 with bit-depth squeezing, 0.957 with
+both squeezers and two noise copies), so the detector's defaults switch them
+off (features 2-5 are then constant and ignored) and score with one model pass;
+they stay available as options.
+
 All are computed in one batched pass (one model call over the stacked variants) and are
 differentiable (bit-depth rounding passes gradients straight through), so a
 detector-aware attacker can be simulated honestly.
@@ -71,20 +79,24 @@ class FeatureSpec:
     whitening: np.ndarray  # [d, d] inverse square root of the shrunk covariance (standardised space)
     image: bool
     bits: int
+    second_squeezer: bool = True  # False: feature 3 repeats feature 2 (one model pass fewer per record)
+    first_squeezer: bool = True  # False: no bit-depth squeezing either (feature 2 is 0)
 
     def to_tree(self) -> dict[str, Any]:
         return {"input_shape": list(self.input_shape), "lo": self.lo, "hi": self.hi, "mean": self.mean,
                 "std": self.std, "pca": self.pca, "noise": self.noise, "logit_means": self.logit_means,
                 "logit_prec": self.logit_prec, "knn_points": self.knn_points, "knn_onehot": self.knn_onehot,
                 "knn_scale": self.knn_scale, "knn_tau": self.knn_tau, "whitening": self.whitening,
-                "image": self.image, "bits": self.bits}
+                "image": self.image, "bits": self.bits, "second_squeezer": self.second_squeezer,
+                "first_squeezer": self.first_squeezer}
 
     @classmethod
     def from_tree(cls, tree: dict[str, Any]) -> FeatureSpec:
         return cls(tuple(int(s) for s in tree["input_shape"]), *(np.asarray(tree[k], np.float32) for k in (
             "lo", "hi", "mean", "std", "pca", "noise", "logit_means", "logit_prec", "knn_points", "knn_onehot",
             "knn_scale")), float(tree["knn_tau"]), np.asarray(tree["whitening"], np.float32), bool(tree["image"]),
-            int(tree["bits"]))
+            int(tree["bits"]), bool(tree.get("second_squeezer", True)),
+            bool(tree.get("first_squeezer", True)))
 
 
 def is_image(input_shape: tuple[int, ...]) -> bool:
@@ -123,10 +135,12 @@ class FeatureExtractor:
             h, w = self.spec.input_shape[-2:]
             img = x.reshape(-1, 1, h, w)
             padded = torch.nn.functional.pad(img, (0, 1, 0, 1), mode="replicate")
-            patches = padded.unfold(2, 2, 1).unfold(3, 2, 1).reshape(*img.shape, 4)
-            # median of four = mean of the middle two; cheaper than a sort, and differentiable everywhere
-            middle = (patches.sum(-1) - patches.amax(-1) - patches.amin(-1)) / 2
-            return middle.reshape(len(x), -1)
+            a, b = padded[..., :h, :w], padded[..., :h, 1:]
+            c, d = padded[..., 1:, :w], padded[..., 1:, 1:]
+            # median of four = mean of the middle two; four shifted views instead of a sort (no copies of patches)
+            top = torch.maximum(torch.maximum(a, b), torch.maximum(c, d))
+            bottom = torch.minimum(torch.minimum(a, b), torch.minimum(c, d))
+            return ((a + b + c + d - top - bottom) / 2).reshape(len(x), -1)
         z = (x - self.mean) / self.std
         return (z + (torch.round(z) - z).detach()) * self.std + self.mean
 
@@ -134,13 +148,18 @@ class FeatureExtractor:
         """Features [n, N_FEATURES]; ``record_probs`` (rows may be NaN) overrides the model's own answer."""
         n = len(x)
         n_noise = len(self.noise)
-        variants = [x, self._squeeze_a(x), self._squeeze_b(x)]
+        variants = [x, self._squeeze_a(x)] if self.spec.first_squeezer else [x]
+        if self.spec.second_squeezer:
+            variants.append(self._squeeze_b(x))
         variants += [(x + self.noise[j]).clamp(self.lo, self.hi) for j in range(n_noise)]
+        # one model call over all variants: a single large matmul per layer beats several small ones
         logits_all = self.logits_fn(torch.cat(variants))
         probs_all = torch.softmax(logits_all.float(), dim=1)
         logits, p = logits_all[:n].float(), probs_all[:n]
-        pa, pb = probs_all[n : 2 * n], probs_all[2 * n : 3 * n]
-        pn = probs_all[3 * n :].reshape(n_noise, n, -1)
+        pa = probs_all[n : 2 * n] if self.spec.first_squeezer else p
+        pb = probs_all[(len(variants) - n_noise - 1) * n : (len(variants) - n_noise) * n] \
+            if self.spec.second_squeezer else pa
+        pn = probs_all[(len(variants) - n_noise) * n :].reshape(n_noise, n, -1) if n_noise else p[None]
         answer = p
         if record_probs is not None:
             have = torch.isfinite(record_probs).all(dim=1, keepdim=True)
@@ -173,7 +192,8 @@ class FeatureExtractor:
 
 
 def fit_spec(X: np.ndarray, input_shape: tuple[int, ...], logits_fn, device: torch.device, n_noise: int,
-             noise_scale: float, bits: int, pca_variance: float, seed: int) -> FeatureSpec:
+             noise_scale: float, bits: int, pca_variance: float, seed: int, second_squeezer: bool = True,
+             first_squeezer: bool = True) -> FeatureSpec:
     """Fit the normal-data statistics the features are measured against."""
     X = np.asarray(X, np.float32)
     mean, std = X.mean(0), X.std(0)
@@ -208,4 +228,5 @@ def fit_spec(X: np.ndarray, input_shape: tuple[int, ...], logits_fn, device: tor
     whitening = (evecs / np.sqrt(np.maximum(evals, 1e-6))).astype(np.float32)
     return FeatureSpec(tuple(input_shape), X.min(0), X.max(0), mean, std, pca, noise,
                        means.astype(np.float32), np.linalg.inv(cov).astype(np.float32), points.astype(np.float32),
-                       onehot, knn_scale, tau, whitening, is_image(input_shape), bits)
+                       onehot, knn_scale, tau, whitening, is_image(input_shape), bits, second_squeezer,
+                       first_squeezer)

@@ -15,12 +15,27 @@ rows (and jittered copies of them), so flagging ``p <= fpr`` has a
 false-positive rate of about ``fpr`` on data like the reference data. The
 p-value goes to ``notes["adv_score"]``.
 
-Known limit, measured in ``agent/scenarios/evasion.py``: reference rows are
-usually the model's own training rows, on which it is never wrong. On new
-traffic the model's natural mistakes (2% of digits) look like minimal
-adversarial examples, and about a third of them are flagged; the clean rows
-seen through a shadow model (``natural_negatives``) teach the scorer some of
-the difference, not all of it.
+What to pass as reference (``inferwatch train --reference DATA``): held-out
+(validation) rows the monitored model did *not* train on, with labels if you
+have them. The calibration set must contain the model's natural mistakes on
+unfamiliar inputs; rows the model trained on make it look never wrong, and its
+natural errors on new traffic then look like minimal adversarial examples
+(measured: FPR 0.018 instead of 0.01 on digits). ``fit`` splits the reference
+itself into three disjoint parts: normal-data statistics (neighbours, PCA),
+scorer training, and calibration (``holdout``). When no model is given,
+``train`` fits a surrogate on the whole reference; ``fit`` then trains a twin
+surrogate (same recipe) without the calibration rows and fits against it, so
+the calibration rows are unseen by the model they are scored with.
+
+Global input shift: a drift moves every client's inputs, and a scorer that
+has only seen clean data calls much of the moved data adversarial (measured:
+100% of a brightness/contrast-shifted digits stream). ``update`` watches the
+flagged share of ordinary clients' records; when it is ``shift_factor`` times
+``fpr`` it raises one aggregate finding for the episode and, while it lasts,
+keeps a record flagged only when its score is extreme among the recent shifted
+traffic too, or the record is nearer the reference rows than the shifted rows
+(an attacker whose inputs did not move). ``notes["adv_score"]`` keeps the
+plain calibrated p-value; ``notes["adv_flagged"]`` says what counted.
 
 Findings: one per flagged record (ATLAS AML.T0015 Evade AI Model, crafted by
 AML.T0043.000 white-box optimisation, or AML.T0043.001 black-box
@@ -33,7 +48,7 @@ count doubles).
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -46,11 +61,18 @@ from agent.records import InferenceBatch
 from agent.reference import ReferenceData
 from detectors import _attacks as attacks
 from detectors._adv_features import N_FEATURES, FeatureExtractor, FeatureSpec, fit_spec
+from detectors._client_slots import ClientSlots
 from detectors._conformal import ConformalCalibrator
 from detectors.base import Detector, DetectorOptions
 
 WHITE_BOX = ("AML.T0015", "AML.T0043.000")
 BLACK_BOX = ("AML.T0015", "AML.T0043.001")
+
+
+def _min_sqdist(q: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Squared distance of each query row to its nearest point."""
+    d2 = (q * q).sum(1)[:, None] - 2 * q @ points.T + (points * points).sum(1)[None, :]
+    return np.maximum(d2, 0).min(1)
 
 
 def _scorer(hidden: int) -> nn.Module:
@@ -75,7 +97,7 @@ class AdversarialDetector(Detector):
         fpr: float = Field(0.01, gt=0, lt=0.5,
                            description="per-record false-positive rate on clean inputs: a record is flagged "
                                        "when its calibrated p-value is at most this")
-        holdout: float = Field(0.3, gt=0.05, lt=0.9,
+        holdout: float = Field(0.5, gt=0.05, lt=0.9,
                                description="share of reference rows kept clean and unseen to calibrate p-values")
         train_share: float = Field(0.45, gt=0.1, lt=0.9,
                                    description="share of the non-calibration reference rows the detector is "
@@ -86,17 +108,23 @@ class AdversarialDetector(Detector):
         l2_eps: list[float] = Field([0.3, 0.6],
                                     description="L2 attack strengths used in fit, in units of RMS std × sqrt(dim)")
         pgd_steps: int = Field(20, ge=1, description="PGD iterations used to craft training adversarials")
-        noise_copies: int = Field(2, ge=1, le=16, description="noisy copies per record for the stability features")
+        noise_copies: int = Field(0, ge=0, le=16,
+                                  description="noisy copies per record for the stability features (each one is "
+                                              "one more model pass per record; 0 = no stability features)")
+        squeeze: bool = Field(False, description="feature-squeezing disagreement (bit depth for images, a fine "
+                                                "grid for tabular rows): one more model pass per record")
+        second_squeezer: bool = Field(False, description="also squeeze with 2x2 median smoothing (images) or a "
+                                                        "coarse grid (tabular): one more model pass per record")
         noise_scale: float = Field(0.1, gt=0, description="noise std as a fraction of each feature's std")
         squeeze_bits: int = Field(3, ge=1, le=8, description="bit depth of the image squeezer")
         pca_variance: float = Field(0.95, gt=0, le=1.0,
                                     description="variance share of the principal subspace for the off-manifold "
                                                 "residual feature")
         calibration_jitter: float = Field(
-            0.2, ge=0, description="calibrate also on held-out rows plus Gaussian noise of this share of each "
-                                   "feature's std: reference rows are often the model's own training rows, on "
-                                   "which it is more confident than on new traffic, so plain calibration "
-                                   "under-states the false-positive rate")
+            0.0, ge=0, description="calibrate also on held-out rows plus Gaussian noise of this share of each "
+                                   "feature's std; only worth it when the reference is the model's own training "
+                                   "rows (on which it is more confident than on new traffic): pass validation "
+                                   "rows instead, then 0 keeps the threshold exact")
         natural_negatives: bool = Field(
             True, description="train the detector also on clean rows seen through a shadow model that never "
                               "trained on them (natural, unfamiliar inputs and honest mistakes are not attacks)")
@@ -118,6 +146,19 @@ class AdversarialDetector(Detector):
                                        description="decayed near-duplicate share above which a client's flagged "
                                                    "queries are attributed to black-box optimisation")
         max_clients: int = Field(100_000, ge=1, description="clients tracked at once (least recently seen evicted)")
+        shift_factor: float = Field(
+            5.0, gt=1, description="a global input shift is declared when the flagged share of ordinary clients' "
+                                   "records (all but the batch's heaviest flaggers and open campaigns) reaches "
+                                   "this many times `fpr`")
+        shift_top_share: float = Field(0.05, gt=0, lt=1,
+                                       description="share of a batch's clients, heaviest flaggers first, left out "
+                                                   "of the background rate (attackers are few)")
+        shift_half_life_s: float = Field(120.0, gt=0, description="half-life (event time) of the background rate")
+        shift_min_records: int = Field(300, ge=1, description="decayed background records needed to judge a shift")
+        shift_input_window: int = Field(256, ge=16, description="recent background inputs kept to tell rows "
+                                                                "that moved with a shift from rows that did not")
+        shift_window: int = Field(1024, ge=100,
+                                  description="recent background scores kept as the shifted normal during a shift")
 
     def __init__(self, options: DetectorOptions, context):
         super().__init__(options, context)
@@ -130,27 +171,57 @@ class AdversarialDetector(Detector):
         self.typical_distance = 1.0
         self.fit_report: dict[str, Any] = {}
         self._extractor: FeatureExtractor | None = None
-        self._clients: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._counters = {"records": 0, "flagged": 0, "record_findings": 0, "record_findings_capped": 0,
-                          "campaigns": 0, "evicted_clients": 0}
+                          "campaigns": 0, "evicted_clients": 0, "shift_episodes": 0, "shift_suppressed": 0}
+        self._reset_runtime()
 
     # ------------------------------------------------------------------ fitting
     def _model(self):
+        """The model features are measured on: the twin surrogate while fitting one, else the watched model."""
+        if getattr(self, "_fit_model", None) is not None:
+            return self._fit_model
         if self.context.model is None:
             raise RuntimeError("adversarial needs a model: give `train --model` or let it train a surrogate")
         return self.context.model
 
     def fit(self, reference: ReferenceData) -> None:
-        """Attack the watched model on reference rows, learn clean vs attacked, calibrate on held-out clean rows."""
+        """Attack the watched model on reference rows, learn clean vs attacked, calibrate on held-out clean rows.
+
+        When the model is a surrogate trained by ``train`` on this very
+        reference data, every calibration row is one it trained on; fitting
+        then runs against a *twin* surrogate (same recipe) trained without the
+        calibration rows, so the threshold reflects how a model behaves on
+        inputs it never saw. The deployed surrogate scores at run time.
+        """
+        fit_part, cal_part = reference.split(self.opts.holdout, seed=self.context.seed)
+        runtime_model = self._model()
+        twin = None
+        if runtime_model.is_surrogate and fit_part.y is not None:
+            from agent.model import train_classifier
+
+            with torch.enable_grad():
+                twin = train_classifier(fit_part.X, fit_part.y, reference.input_shape, self.context.device,
+                                        seed=self.context.seed + 5)
+            for p in twin.module.parameters():
+                p.requires_grad_(False)
+        self._fit_model = twin
+        try:
+            self._fit(reference, fit_part, cal_part)
+        finally:
+            self._fit_model = None
+            self._extractor = None
+        self.fit_report["calibrated_with_twin_surrogate"] = twin is not None
+
+    def _fit(self, reference: ReferenceData, fit_part: ReferenceData, cal_part: ReferenceData) -> None:
         model = self._model()
         dev = self.context.device
         # three disjoint parts: normal-data statistics (neighbours, PCA), detector training, calibration.
         # Features of a row must never be measured against statistics that contain the row itself.
-        fit_part, cal_part = reference.split(self.opts.holdout, seed=self.context.seed)
         spec_part, fit_part = fit_part.split(self.opts.train_share, seed=self.context.seed + 1)
         self.spec = fit_spec(spec_part.X, reference.input_shape, model.logits, dev, self.opts.noise_copies,
                              self.opts.noise_scale, self.opts.squeeze_bits, self.opts.pca_variance,
-                             self.context.seed)
+                             self.context.seed, self.opts.second_squeezer,
+                             self.opts.squeeze)
         self._extractor = None
         X = torch.as_tensor(fit_part.X, dtype=torch.float32, device=dev)
         with torch.no_grad():
@@ -228,7 +299,8 @@ class AdversarialDetector(Detector):
         with torch.enable_grad():
             shadow = train_classifier(X, y, input_shape, dev, epochs=60, seed=self.context.seed + 2)
         spec = fit_spec(spec_part.X, input_shape, shadow.logits, dev, self.opts.noise_copies, self.opts.noise_scale,
-                        self.opts.squeeze_bits, self.opts.pca_variance, self.context.seed)
+                        self.opts.squeeze_bits, self.opts.pca_variance, self.context.seed, self.opts.second_squeezer,
+                        self.opts.squeeze)
         with torch.no_grad():
             return FeatureExtractor(spec, shadow.logits, dev)(torch.as_tensor(fit_part.X, device=dev))
 
@@ -254,7 +326,10 @@ class AdversarialDetector(Detector):
         if self.spec is None:
             raise RuntimeError("adversarial is not fitted: run `inferwatch train` or load its artifacts")
         if self._extractor is None:
-            self._extractor = FeatureExtractor(self.spec, self._model().logits, self.context.device)
+            # built outside inference mode even when first needed by `score`, so that its tensors can take
+            # part in autograd later (detector-aware attacks differentiate through the features)
+            with torch.inference_mode(False):
+                self._extractor = FeatureExtractor(self.spec, self._model().logits, self.context.device)
         return self._extractor
 
     def _features_t(self, x: torch.Tensor, record_probs: torch.Tensor | None) -> torch.Tensor:
@@ -305,97 +380,258 @@ class AdversarialDetector(Detector):
 
     # ---------------------------------------------------------------- hot path
     def update(self, batch: InferenceBatch, notes: dict[str, Any]) -> list[Finding]:
+        """Score, then per-client bookkeeping as array operations over the batch's clients (no per-row Python)."""
         n = len(batch)
         if n == 0:
             notes["adv_score"] = np.zeros(0)
+            notes["adv_flagged"] = np.zeros(0, dtype=bool)
             return []
-        p = self.pvalues(batch.X, batch.probs)
+        scores = self.score(batch.X, batch.probs)
+        p = self.calibrator.rank_pvalues(scores)
         notes["adv_score"] = p
-        flagged = p <= self.opts.fpr
+        raw_flagged = p <= self.opts.fpr
         self._counters["records"] += n
-        self._counters["flagged"] += int(flagged.sum())
+        self._counters["flagged"] += int(raw_flagged.sum())
+        # slots per distinct client, then per row by index: the LRU table is touched once per client
+        codes: dict[str, int] = {}
+        row_code = np.fromiter((codes.setdefault(c, len(codes)) for c in batch.clients), np.int64, n)
+        client_slots, fresh = self.slots.assign(list(codes))
+        slots = client_slots[row_code]
+        self._ensure_capacity(fresh)
+        # rows grouped by client, in arrival order inside each group
+        order = np.argsort(slots, kind="stable")
+        sorted_slots = slots[order]
+        starts = np.r_[0, np.flatnonzero(np.diff(sorted_slots)) + 1]
+        uniq = sorted_slots[starts]
+        ends = np.r_[starts[1:], n]
+        inverse = np.searchsorted(uniq, slots)
+        near_dup = self._near_duplicates(batch.X, order, starts, uniq)
+        flagged, shift_finding = self._global_shift(batch, scores, raw_flagged, inverse, uniq)
+        notes["adv_flagged"] = flagged
+        notes["adv_global_shift"] = self._shift is not None
         findings: list[Finding] = []
-        clients = np.asarray(batch.clients, dtype=object)
-        uniq, first, inverse = np.unique(clients, return_index=True, return_inverse=True)
-        by_client = np.argsort(inverse, kind="stable")  # rows of each client, in arrival order
-        groups = np.split(by_client, np.cumsum(np.bincount(inverse, minlength=len(uniq)))[:-1])
-        near_dup = self._near_duplicates(batch, uniq, groups)
-        black_box_clients: set[str] = set()
-        for ci in np.argsort(first, kind="stable").tolist():
-            client = str(uniq[ci])
-            f = self._client_update(client, batch, groups[ci], flagged, near_dup, p)
+        black_box = self._client_totals(batch, uniq, inverse, order[ends - 1], flagged, near_dup)
+        # only clients with flagged rows or an open campaign need a look; in first-arrival order
+        look = np.flatnonzero((np.bincount(inverse, weights=flagged, minlength=len(uniq)) > 0)
+                              | np.isin(uniq, list(self._campaigns)))
+        look = look[np.argsort(order[starts[look]], kind="stable")]
+        for ci in look.tolist():
+            rows = order[starts[ci] : ends[ci]]
+            f = self._client_campaign(int(uniq[ci]), batch, rows, flagged, p, bool(black_box[ci]))
             if f is not None:
                 findings.append(f)
-            st = self._clients[client]
-            if st["dup"] >= self.opts.black_box_share * max(st["total"], 1e-9):
-                black_box_clients.add(client)
-        findings[:0] = self._record_findings(batch, p, flagged, black_box_clients)
+        bb_slots = set(uniq[black_box].tolist())
+        findings[:0] = self._record_findings(batch, p, flagged, slots, bb_slots)
+        if shift_finding is not None:
+            findings.insert(0, shift_finding)
         return findings
 
-    def _near_duplicates(self, batch: InferenceBatch, uniq: np.ndarray, groups: list[np.ndarray]) -> np.ndarray:
+    def _ensure_capacity(self, fresh: list[int]) -> None:
+        """Grow the per-slot arrays to the slot table's high-water mark; reset reused slots."""
+        need = self.slots.high_water
+        dim = len(self.spec.mean)
+        if self._bg_inputs.shape[1] != dim:  # built before the input width was known
+            self._bg_inputs = np.zeros((self.opts.shift_input_window, dim), np.float32)
+            self._bg_inputs_fill = self._bg_inputs_pos = 0
+        if need > len(self._total):
+            cap = max(need, min(self.opts.max_clients, 2 * len(self._total) + 64))
+            grow = cap - len(self._total)
+            self._last_ts = np.r_[self._last_ts, np.full(grow, np.nan)]
+            self._total = np.r_[self._total, np.zeros(grow)]
+            self._flagged_count = np.r_[self._flagged_count, np.zeros(grow)]
+            self._dup = np.r_[self._dup, np.zeros(grow)]
+            self._last_x = np.concatenate([self._last_x.reshape(-1, dim), np.zeros((grow, dim), np.float32)])
+            self._has_last = np.r_[self._has_last, np.zeros(grow, dtype=bool)]
+        if fresh:
+            f = np.asarray(fresh, dtype=np.int64)
+            self._last_ts[f] = np.nan
+            self._total[f] = 0.0
+            self._flagged_count[f] = 0.0
+            self._dup[f] = 0.0
+            self._has_last[f] = False
+            for s in fresh:
+                self._recent.pop(s, None)
+                self._campaigns.pop(s, None)
+
+    def _near_duplicates(self, X: np.ndarray, order: np.ndarray, starts: np.ndarray, uniq: np.ndarray) -> np.ndarray:
         """Whether each record is a near-duplicate of the same client's previous query (SimBA-style chains)."""
-        prev = np.full_like(batch.X, np.inf)
-        for client, rows in zip(uniq.tolist(), groups):
-            prev[rows[1:]] = batch.X[rows[:-1]]
-            state = self._clients.get(client)
-            if state is not None and state["last_x"] is not None:
-                prev[rows[0]] = state["last_x"]
-        with np.errstate(invalid="ignore"):
-            dist = np.linalg.norm(batch.X - prev, axis=1)
-        return np.isfinite(dist) & (dist < self.opts.near_duplicate * self.typical_distance)
+        dist = np.full(len(X), np.inf)
+        follow = np.ones(len(X), dtype=bool)
+        follow[starts] = False
+        pos = np.flatnonzero(follow)
+        dist[order[pos]] = np.linalg.norm(X[order[pos]] - X[order[pos - 1]], axis=1)
+        firsts = order[starts]
+        known = self._has_last[uniq]
+        dist[firsts[known]] = np.linalg.norm(X[firsts[known]] - self._last_x[uniq[known]], axis=1)
+        return dist < self.opts.near_duplicate * self.typical_distance
 
-    def _client_state(self, client: str) -> dict[str, Any]:
-        if client in self._clients:
-            self._clients.move_to_end(client)
-            return self._clients[client]
-        while len(self._clients) >= self.opts.max_clients:
-            self._clients.popitem(last=False)
-            self._counters["evicted_clients"] += 1
-        state = {"ts": None, "total": 0.0, "flagged": 0.0, "dup": 0.0, "last_x": None, "campaign": None,
-                 "recent": deque(maxlen=32)}
-        self._clients[client] = state
-        return state
+    def _client_totals(self, batch: InferenceBatch, uniq: np.ndarray, inverse: np.ndarray, last_rows: np.ndarray,
+                       flagged: np.ndarray, near_dup: np.ndarray) -> np.ndarray:
+        """Decay (event time) and add this batch's counts for every client in it; returns its black-box mask."""
+        ts = batch.ts[last_rows].astype(np.float64)
+        before = self._last_ts[uniq]
+        decay = np.where(np.isnan(before), 1.0,
+                         0.5 ** (np.maximum(ts - np.nan_to_num(before), 0.0) / self.opts.client_half_life_s))
+        k = len(uniq)
+        self._total[uniq] = self._total[uniq] * decay + np.bincount(inverse, minlength=k)
+        self._flagged_count[uniq] = self._flagged_count[uniq] * decay + np.bincount(inverse, weights=flagged,
+                                                                                    minlength=k)
+        self._dup[uniq] = self._dup[uniq] * decay + np.bincount(inverse, weights=near_dup, minlength=k)
+        self._last_ts[uniq] = ts
+        self._last_x[uniq] = batch.X[last_rows]
+        self._has_last[uniq] = True
+        return self._dup[uniq] >= self.opts.black_box_share * np.maximum(self._total[uniq], 1e-9)
 
-    def _client_update(self, client: str, batch: InferenceBatch, rows: np.ndarray, flagged: np.ndarray,
-                       near_dup: np.ndarray, p: np.ndarray) -> Finding | None:
-        """Decayed (event-time) totals per client; a campaign opens when flagged count and share are high."""
-        st = self._client_state(client)
+    # ------------------------------------------------------------ global shift
+    def _global_shift(self, batch: InferenceBatch, scores: np.ndarray, raw_flagged: np.ndarray,
+                      inverse: np.ndarray, uniq: np.ndarray) -> tuple[np.ndarray, Finding | None]:
+        """Tell a global input shift from targeted evasion; returns the flags that count and an episode finding.
+
+        Attackers are few clients; a drift (new camera, new upstream feature
+        pipeline) moves every client's inputs, and the learned scorer, which
+        has only ever seen clean reference data, calls much of the moved data
+        adversarial. The *background* flagged rate (records of all clients but
+        the batch's heaviest flaggers and open campaigns) tells the two
+        apart: near ``fpr`` in normal traffic, many times it under a shift.
+        While it is high, a record only counts as flagged when its score is
+        also extreme among the recent background scores (the shifted normal),
+        so a real attack during a drift still stands out, while the drift
+        itself gives one aggregate finding per episode instead of a flood.
+        """
+        k = len(uniq)
+        per_client = np.bincount(inverse, weights=raw_flagged, minlength=k)
+        heavy = np.zeros(k, dtype=bool)
+        top = max(2, int(np.ceil(self.opts.shift_top_share * k)))
+        heavy[np.argsort(-per_client, kind="stable")[:top]] = True
+        heavy &= per_client > 0
+        heavy |= np.isin(uniq, list(self._campaigns))
+        background = ~heavy[inverse]
+        ts = float(batch.ts[-1])
+        if self._bg_ts is not None:
+            decay = 0.5 ** (max(ts - self._bg_ts, 0.0) / self.opts.shift_half_life_s)
+            self._bg_total *= decay
+            self._bg_flagged *= decay
+        self._bg_ts = ts
+        self._bg_total += float(background.sum())
+        self._bg_flagged += float(raw_flagged[background].sum())
+        rate = self._bg_flagged / max(self._bg_total, 1e-9)
+        shifted = self._bg_total >= self.opts.shift_min_records and rate >= self.opts.shift_factor * self.opts.fpr
+        # this batch's own background scores count as shifted normal too: at a shift's onset the window
+        # otherwise still holds only pre-shift scores and the first shifted batch would flood
+        self._push_background(scores[background])
+        flagged = raw_flagged
+        finding = None
+        if shifted:
+            window = self._bg_scores[: self._bg_fill]
+            if len(window):
+                n_ge = len(window) - np.searchsorted(np.sort(window), scores, side="left")
+                local_p = (1.0 + n_ge) / (len(window) + 1.0)
+                flagged = raw_flagged & ((local_p <= self.opts.fpr)
+                                         | self._apart_from_shift(batch.X, raw_flagged, background))
+            if self._shift is None:
+                self._shift = {"start_ts": ts, "suppressed": 0}
+                self._counters["shift_episodes"] += 1
+                finding = self._shift_finding(batch, rate, ts)
+            suppressed = int(raw_flagged.sum() - flagged.sum())
+            self._shift["suppressed"] += suppressed
+            self._counters["shift_suppressed"] += suppressed
+        elif self._shift is not None and rate < 0.5 * self.opts.shift_factor * self.opts.fpr:
+            self._shift = None
+        self._push_background_inputs(batch.X[background & ~flagged])
+        return flagged, finding
+
+    def _apart_from_shift(self, X: np.ndarray, raw_flagged: np.ndarray, background: np.ndarray) -> np.ndarray:
+        """Flagged rows nearer to the reference rows than to the shifted traffic: not part of the shift.
+
+        An attacker whose inputs did not move with everyone else's (its own
+        data, its own pipeline) stays close to the old normal, while the
+        shifted benign rows sit among each other. Distances are measured in
+        the k-NN feature scale against the reference rows and against the
+        recent shifted rows plus this batch's other background rows.
+        """
+        rows = np.flatnonzero(raw_flagged)
+        out = np.zeros(len(X), dtype=bool)
+        if len(rows) == 0:
+            return out
+        scale = self.spec.knn_scale
+        q = X[rows] / scale
+        ref = self.spec.knn_points
+        d_ref = _min_sqdist(q, ref)
+        mates = np.flatnonzero(background)
+        pool = np.concatenate([self._bg_inputs[: self._bg_inputs_fill], X[mates]]) / scale
+        if len(pool) == 0:
+            return out
+        d2 = np.maximum((q * q).sum(1)[:, None] - 2 * q @ pool.T + (pool * pool).sum(1)[None, :], 0)
+        own = np.searchsorted(mates, rows)
+        is_mate = (own < len(mates)) & (mates[np.minimum(own, len(mates) - 1)] == rows)
+        d2[np.flatnonzero(is_mate), self._bg_inputs_fill + own[is_mate]] = np.inf  # not its own neighbour
+        out[rows] = d_ref < d2.min(1)
+        return out
+
+    def _push_background_inputs(self, X: np.ndarray) -> None:
+        size = len(self._bg_inputs)
+        X = X[-size:]
+        idx = (self._bg_inputs_pos + np.arange(len(X))) % size
+        self._bg_inputs[idx] = X
+        self._bg_inputs_pos = int((self._bg_inputs_pos + len(X)) % size)
+        self._bg_inputs_fill = min(size, self._bg_inputs_fill + len(X))
+
+    def _push_background(self, scores: np.ndarray) -> None:
+        """Ring buffer of the most recent background scores: the shifted normal, when the stream shifts."""
+        size = len(self._bg_scores)
+        scores = scores[-size:]
+        idx = (self._bg_pos + np.arange(len(scores))) % size
+        self._bg_scores[idx] = scores
+        self._bg_pos = int((self._bg_pos + len(scores)) % size)
+        self._bg_fill = min(size, self._bg_fill + len(scores))
+
+    def _shift_finding(self, batch: InferenceBatch, rate: float, ts: float) -> Finding:
+        return Finding(
+            family="evasion", detector=self.name,
+            title="Adversarial-looking inputs from most clients (global shift, not targeted evasion)",
+            severity=Severity.LOW, actor=None, model=batch.models[-1], related_ids=tuple(batch.ids[:MAX_RELATED]),
+            window=f"shift:{ts:.3f}",
+            evidence={"background_flagged_share": round(rate, 4), "fpr": self.opts.fpr,
+                      "shift_factor": self.opts.shift_factor, "clients_in_batch": len(set(batch.clients)),
+                      "episode_start_ts": ts},
+            confidence=float(min(1.0, rate)),
+            message=(f"{rate:.1%} of recent inputs from ordinary clients look adversarial (expected about "
+                     f"{self.opts.fpr:.1%}): the input distribution has moved for everyone; per-record evasion "
+                     f"findings now need a score extreme among the shifted traffic too"),
+            analytic_type="learning", time_ms=int(ts * 1000),
+        )
+
+    # --------------------------------------------------------------- campaigns
+    def _client_campaign(self, slot: int, batch: InferenceBatch, rows: np.ndarray, flagged: np.ndarray,
+                         p: np.ndarray, black_box: bool) -> Finding | None:
+        """A campaign opens when a client's decayed flagged count and share are high; re-raised when it doubles."""
+        client = batch.clients[rows[0]]
         ts = float(batch.ts[rows[-1]])
-        if st["ts"] is not None:
-            decay = 0.5 ** (max(ts - st["ts"], 0.0) / self.opts.client_half_life_s)
-            st["total"] *= decay
-            st["flagged"] *= decay
-            st["dup"] *= decay
-        st["ts"] = ts
-        st["total"] += len(rows)
-        st["flagged"] += float(flagged[rows].sum())
-        st["dup"] += float(near_dup[rows].sum())
-        st["last_x"] = batch.X[rows[-1]].copy()
+        total, n_flagged = float(self._total[slot]), float(self._flagged_count[slot])
         hit = rows[flagged[rows]]
-        camp = st["campaign"]
+        camp = self._campaigns.get(slot)
         if camp is None:
-            st["recent"].extend(batch.ids[i] for i in hit.tolist())
+            recent = self._recent.setdefault(slot, deque(maxlen=32))
+            recent.extend(batch.ids[i] for i in hit.tolist())
         else:
             room = MAX_RELATED - len(camp["ids"])
             camp["ids"].extend(batch.ids[i] for i in hit[:room].tolist())
             camp["count"] += len(hit)
             camp["last_ts"] = ts
-        black_box = st["dup"] >= self.opts.black_box_share * st["total"]
         # a query-based attacker's flagged share is small (most of its queries are probes), but benign
         # clients do not send chains of near-duplicates: for them the count alone makes the campaign
-        active = st["flagged"] >= self.opts.client_min_flagged and (
-            black_box or st["flagged"] >= self.opts.client_min_share * st["total"])
-        if camp is not None and st["flagged"] < 1.0:
-            st["campaign"] = None  # quiet for several half-lives: the campaign is over
+        active = n_flagged >= self.opts.client_min_flagged and (
+            black_box or n_flagged >= self.opts.client_min_share * total)
+        if camp is not None and n_flagged < 1.0:
+            del self._campaigns[slot]  # quiet for several half-lives: the campaign is over
             return None
         if not active:
             return None
         if camp is None:
+            recent = self._recent.pop(slot, deque())
             start_ts = float(batch.ts[hit[0]]) if len(hit) else ts
-            camp = {"start_ts": start_ts, "ids": list(st["recent"]), "count": len(st["recent"]),
-                    "reported": 0, "last_ts": ts}
-            st["recent"].clear()
-            st["campaign"] = camp
+            camp = {"start_ts": start_ts, "ids": list(recent), "count": len(recent), "reported": 0, "last_ts": ts}
+            self._campaigns[slot] = camp
             self._counters["campaigns"] += 1
         if camp["count"] < 2 * camp["reported"]:
             return None
@@ -404,20 +640,20 @@ class AdversarialDetector(Detector):
             family="evasion", detector=self.name, title="Client sending adversarial examples",
             severity=Severity.HIGH, actor=client, model=batch.models[rows[-1]],
             related_ids=tuple(camp["ids"]), window=f"{client}:{camp['start_ts']:.3f}",
-            evidence={"flagged_records": camp["count"], "decayed_flagged": round(st["flagged"], 3),
-                      "decayed_total": round(st["total"], 3), "min_share": self.opts.client_min_share,
-                      "near_duplicate_share": round(st["dup"] / max(st["total"], 1e-9), 3),
+            evidence={"flagged_records": camp["count"], "decayed_flagged": round(n_flagged, 3),
+                      "decayed_total": round(total, 3), "min_share": self.opts.client_min_share,
+                      "near_duplicate_share": round(float(self._dup[slot]) / max(total, 1e-9), 3),
                       "campaign_start_ts": camp["start_ts"], "last_ts": ts, "fpr": self.opts.fpr,
-                      "min_p": float(p[rows].min())},
+                      "min_p": float(p[rows].min()), "during_global_shift": self._shift is not None},
             attacks=BLACK_BOX if black_box else WHITE_BOX,
-            confidence=float(min(1.0, st["flagged"] / max(st["total"], 1e-9) + 0.3)),
+            confidence=float(min(1.0, n_flagged / max(total, 1e-9) + 0.3)),
             message=(f"client {client} sent {camp['count']} inputs flagged as adversarial since ts "
                      f"{camp['start_ts']:.3f} ({'query-based black-box' if black_box else 'white-box'} pattern)"),
             analytic_type="learning", time_ms=int(ts * 1000),
         )
 
-    def _record_findings(self, batch: InferenceBatch, p: np.ndarray, flagged: np.ndarray,
-                         black_box_clients: set[str]) -> list[Finding]:
+    def _record_findings(self, batch: InferenceBatch, p: np.ndarray, flagged: np.ndarray, slots: np.ndarray,
+                         black_box_slots: set[int]) -> list[Finding]:
         idx = np.flatnonzero(flagged)
         cap = self.opts.max_record_findings_per_batch
         if len(idx) > cap:
@@ -426,7 +662,7 @@ class AdversarialDetector(Detector):
         out = []
         for i in idx.tolist():
             client = batch.clients[i]
-            bb = client in black_box_clients
+            bb = int(slots[i]) in black_box_slots
             self._counters["record_findings"] += 1
             out.append(Finding(
                 family="evasion", detector=self.name, title="Adversarial example suspected",
@@ -442,40 +678,72 @@ class AdversarialDetector(Detector):
         return out
 
     # ------------------------------------------------------------- checkpoints
+    def _reset_runtime(self) -> None:
+        dim = len(self.spec.mean) if self.spec is not None else (self.context.input_dim or 0)
+        self.slots = ClientSlots(self.opts.max_clients)
+        self._last_ts = np.zeros(0)
+        self._total = np.zeros(0)
+        self._flagged_count = np.zeros(0)
+        self._dup = np.zeros(0)
+        self._last_x = np.zeros((0, dim), np.float32)
+        self._has_last = np.zeros(0, dtype=bool)
+        self._recent: dict[int, deque] = {}
+        self._campaigns: dict[int, dict[str, Any]] = {}
+        self._bg_ts: float | None = None
+        self._bg_total = 0.0
+        self._bg_flagged = 0.0
+        self._bg_scores = np.zeros(self.opts.shift_window)
+        self._bg_pos = 0
+        self._bg_fill = 0
+        self._shift: dict[str, Any] | None = None
+        self._bg_inputs = np.zeros((self.opts.shift_input_window, dim), np.float32)
+        self._bg_inputs_pos = 0
+        self._bg_inputs_fill = 0
+
+    @property
+    def client_count(self) -> int:
+        """Clients tracked now (bounded by ``max_clients``)."""
+        return len(self.slots)
+
     def state_dict(self) -> dict[str, Any]:
-        """Per-client state as a few columns (one array each), so a checkpoint of 100k clients stays small."""
-        names = list(self._clients)
-        sts = list(self._clients.values())
-        dim = len(self.spec.mean) if self.spec is not None else 0
-        last_x = np.zeros((len(sts), dim), np.float32)
-        has_last = np.zeros(len(sts), dtype=bool)
-        for i, st in enumerate(sts):
-            if st["last_x"] is not None:
-                last_x[i] = st["last_x"]
-                has_last[i] = True
+        """Per-client state as columns (one array each, by slot), so a checkpoint of 100k clients stays small."""
+        used = self.slots.high_water
         return {
-            "clients": names,
-            "ts": np.array([np.nan if st["ts"] is None else st["ts"] for st in sts], np.float64),
-            "total": np.array([st["total"] for st in sts], np.float64),
-            "flagged": np.array([st["flagged"] for st in sts], np.float64),
-            "dup": np.array([st["dup"] for st in sts], np.float64),
-            "last_x": last_x, "has_last": has_last,
-            "recent": {str(i): list(st["recent"]) for i, st in enumerate(sts) if st["recent"]},
-            "campaigns": {str(i): {**st["campaign"], "ids": list(st["campaign"]["ids"])}
-                          for i, st in enumerate(sts) if st["campaign"] is not None},
-            "counters": dict(self._counters),
+            "slots": self.slots.state_dict(),
+            "last_ts": self._last_ts[:used], "total": self._total[:used], "flagged": self._flagged_count[:used],
+            "dup": self._dup[:used], "last_x": self._last_x[:used], "has_last": self._has_last[:used],
+            "recent": {str(s): list(d) for s, d in self._recent.items() if d},
+            "campaigns": {str(s): {**c, "ids": list(c["ids"])} for s, c in self._campaigns.items()},
+            "background": {"ts": np.nan if self._bg_ts is None else self._bg_ts, "total": self._bg_total,
+                           "flagged": self._bg_flagged, "scores": self._bg_scores, "pos": self._bg_pos,
+                           "fill": self._bg_fill, "shift": dict(self._shift) if self._shift else {},
+                           "inputs": self._bg_inputs, "inputs_pos": self._bg_inputs_pos,
+                           "inputs_fill": self._bg_inputs_fill},
+            "counters": {**self._counters, "evicted_clients": self.slots.evictions},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._clients = OrderedDict()
-        ts = np.asarray(state["ts"], np.float64)
-        for i, name in enumerate(state["clients"]):
-            camp = state["campaigns"].get(str(i))
-            self._clients[name] = {
-                "ts": None if np.isnan(ts[i]) else float(ts[i]), "total": float(state["total"][i]),
-                "flagged": float(state["flagged"][i]), "dup": float(state["dup"][i]),
-                "last_x": np.array(state["last_x"][i], np.float32) if state["has_last"][i] else None,
-                "recent": deque(state["recent"].get(str(i), []), maxlen=32),
-                "campaign": None if camp is None else {**camp, "ids": list(camp["ids"])},
-            }
-        self._counters.update(state["counters"])
+        self._reset_runtime()
+        self.slots.load_state_dict(state["slots"])
+        self._last_ts = np.asarray(state["last_ts"], np.float64).copy()
+        self._total = np.asarray(state["total"], np.float64).copy()
+        self._flagged_count = np.asarray(state["flagged"], np.float64).copy()
+        self._dup = np.asarray(state["dup"], np.float64).copy()
+        self._last_x = np.asarray(state["last_x"], np.float32).reshape(len(self._total), -1).copy()
+        self._has_last = np.asarray(state["has_last"], bool).copy()
+        self._recent = {int(s): deque(ids, maxlen=32) for s, ids in state["recent"].items()}
+        self._campaigns = {int(s): {**c, "ids": list(c["ids"])} for s, c in state["campaigns"].items()}
+        bg = state["background"]
+        self._bg_ts = None if np.isnan(float(bg["ts"])) else float(bg["ts"])
+        self._bg_total, self._bg_flagged = float(bg["total"]), float(bg["flagged"])
+        scores = np.asarray(bg["scores"], np.float64)
+        self._bg_scores[: len(scores)] = scores[: len(self._bg_scores)]
+        self._bg_pos, self._bg_fill = int(bg["pos"]) % len(self._bg_scores), min(int(bg["fill"]), len(self._bg_scores))
+        self._shift = dict(bg["shift"]) or None
+        inputs = np.asarray(bg["inputs"], np.float32)
+        if inputs.shape[1:] == self._bg_inputs.shape[1:]:
+            keep = min(len(inputs), len(self._bg_inputs))
+            self._bg_inputs[:keep] = inputs[:keep]
+            self._bg_inputs_pos = int(bg["inputs_pos"]) % len(self._bg_inputs)
+            self._bg_inputs_fill = min(int(bg["inputs_fill"]), len(self._bg_inputs))
+        self._counters.update({k: int(v) for k, v in state["counters"].items()})

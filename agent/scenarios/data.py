@@ -56,6 +56,23 @@ def load(name: str, seed: int = 0) -> Dataset:
     raise ValueError(f"unknown data set {name!r}; expected 'digits' or 'tabular'")
 
 
+REFERENCE_SHARE = 0.5  # share of X_train held out from the model and given to the detectors as reference
+
+
+def split_for_deployment(ds: Dataset, seed: int = 0, reference_share: float = REFERENCE_SHARE
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(model rows X, y, reference rows X, y): disjoint parts of ``X_train``, as a team deploys.
+
+    The monitored model trains on one part; the detectors get the other as their
+    ``train --reference`` (validation data the model never saw), so calibration
+    sees the model's natural mistakes on unfamiliar inputs.
+    """
+    idx = np.random.default_rng(seed + 11).permutation(len(ds.X_train))
+    cut = round(len(idx) * (1 - reference_share))
+    m, r = idx[:cut], idx[cut:]
+    return ds.X_train[m], ds.y_train[m], ds.X_train[r], ds.y_train[r]
+
+
 def benign_traffic(ds: Dataset, n: int, n_clients: int, seed: int = 1, noise: float = 0.0
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``n`` benign queries from ``n_clients`` clients: (X, client index, timestamps).

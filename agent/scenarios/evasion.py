@@ -1,10 +1,12 @@
 """Evasion scenario: adversarial examples against the monitored model, mixed into benign traffic.
 
-For each data set (``digits``, ``tabular``) the monitored model is trained on
-``X_train``; the ``adversarial`` detector is fitted on the same reference data
-(its own training attacks are crafted on reference rows). Then, on test rows it
-never saw, one attacker client per variant sends successful adversarial
-examples among hundreds of benign clients:
+For each data set (``digits``, ``tabular``) ``X_train`` is split as a team
+deploys (:func:`split_for_deployment`): the monitored model trains on one half,
+the ``adversarial`` detector gets the other half as its reference (validation
+rows the model never saw, so calibration sees its natural mistakes; its own
+training attacks are crafted on reference rows). Then, on test rows neither
+saw, one attacker client per variant sends successful adversarial examples
+among hundreds of benign clients:
 
 * attack families the detector trained on, at strengths it did not train on:
   FGSM and PGD-L∞ (eps 0.2 of the input range), PGD-L2, DeepFool;
@@ -35,6 +37,7 @@ from agent.model import WatchedModel, train_classifier
 from agent.reference import ReferenceData
 from agent.scenarios import data
 from agent.scenarios._stream import Stream
+from agent.scenarios.data import split_for_deployment
 from detectors import _attacks as attacks
 from detectors.adversarial import AdversarialDetector
 from detectors.base import DetectorContext
@@ -94,15 +97,18 @@ def _detector_aware(model: WatchedModel, det: AdversarialDetector, ds: data.Data
     return adv.detach().cpu().numpy()
 
 
-def _evaluate_dataset(name: str, device: torch.device, quick: bool, seed: int = 0) -> dict[str, Any]:
+def _evaluate_dataset(name: str, device: torch.device, quick: bool, seed: int = 0,
+                      options: dict[str, Any] | None = None) -> dict[str, Any]:
     ds = data.load(name)
     started = time.perf_counter()
-    model = train_classifier(ds.X_train, ds.y_train, ds.input_shape, device, epochs=60, seed=seed)
+    X_model, y_model, X_ref, y_ref = split_for_deployment(ds, seed)
+    model = train_classifier(X_model, y_model, ds.input_shape, device, epochs=60, seed=seed)
+    model.is_surrogate = False  # the team's own model, given with `train --model`: it never saw the reference
     for p in model.module.parameters():
         p.requires_grad_(False)
-    det = AdversarialDetector(AdversarialDetector.Options(),
+    det = AdversarialDetector(AdversarialDetector.Options(**(options or {})),
                               DetectorContext(device, ds.input_shape, ds.n_classes, model, seed=seed))
-    det.fit(ReferenceData(ds.X_train, ds.y_train, ds.input_shape))
+    det.fit(ReferenceData(X_ref, y_ref, ds.input_shape))
     fit_s = time.perf_counter() - started
 
     rng = np.random.default_rng(seed + 7)
