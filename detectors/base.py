@@ -31,7 +31,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from agent.findings import Finding
 from agent.model import WatchedModel
@@ -43,7 +43,7 @@ class DetectorOptions(BaseModel):
     """Options every detector has; each detector subclasses this with its own."""
 
     model_config = ConfigDict(extra="forbid")
-    enabled: bool = True
+    enabled: bool = Field(True, description="run this detector (listing it in `detectors:` is enough)")
 
 
 @dataclass
