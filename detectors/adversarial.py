@@ -562,9 +562,10 @@ class AdversarialDetector(Detector):
         if len(pool) == 0:
             return out
         d2 = np.maximum((q * q).sum(1)[:, None] - 2 * q @ pool.T + (pool * pool).sum(1)[None, :], 0)
-        own = np.searchsorted(mates, rows)
-        is_mate = (own < len(mates)) & (mates[np.minimum(own, len(mates) - 1)] == rows)
-        d2[np.flatnonzero(is_mate), self._bg_inputs_fill + own[is_mate]] = np.inf  # not its own neighbour
+        if len(mates):
+            own = np.searchsorted(mates, rows)
+            is_mate = (own < len(mates)) & (mates[np.minimum(own, len(mates) - 1)] == rows)
+            d2[np.flatnonzero(is_mate), self._bg_inputs_fill + own[is_mate]] = np.inf  # not its own neighbour
         out[rows] = d_ref < d2.min(1)
         return out
 

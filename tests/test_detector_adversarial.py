@@ -286,3 +286,23 @@ def test_global_drift_gives_one_aggregate_not_a_flood_and_attackers_still_stand_
     mallory = [f for f in record if f.actor.startswith("mallory")]
     print(f"attackers' per-record findings: {len(mallory)} of {len(adv)}")
     assert len(mallory) >= 0.5 * len(adv)
+
+
+def test_apart_from_shift_with_no_background_rows_in_the_batch() -> None:
+    """Regression (seen in the demo): every row of a batch flagged, none left as background, must not crash."""
+    import numpy as np
+
+    from detectors.adversarial import AdversarialDetector
+
+    det = AdversarialDetector.__new__(AdversarialDetector)
+    det._bg_inputs = np.random.default_rng(0).random((8, 4)).astype(np.float32)
+    det._bg_inputs_fill = 8
+
+    class _Spec:
+        knn_scale = np.ones(4, np.float32)
+        knn_points = np.zeros((3, 4), np.float32)
+
+    det.spec = _Spec()
+    X = np.ones((5, 4), np.float32)
+    out = det._apart_from_shift(X, np.ones(5, bool), np.zeros(5, bool))
+    assert out.shape == (5,) and out.dtype == bool
