@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 def _config(out: Path, bootstrap: str) -> Path:
-    detectors = "\n".join(f"  {name}: {{}}" for name in registry())
+    detectors = "\n".join(f"  {name}: {{}}" for name in registry())  # every detector, with its defaults
     text = f"""# written by `inferwatch demo`
 kafka: {{bootstrap_servers: "{bootstrap}"}}
 source:

@@ -35,7 +35,8 @@ from agent.scenarios.data import Dataset, load, split_for_deployment
 
 TOPICS = {"request": "inferwatch.kserve.request", "response": "inferwatch.kserve.response",
           "feedback": "inferwatch.feedback"}
-PlanItem = tuple[float, str, bytes, list[tuple[str, bytes]]]  # (offset s, topic kind, value, headers)
+# (offset s, topic kind, body, CloudEvents fields): encoded when published, stamped with the real send time
+PlanItem = tuple[float, str, dict | bytes, dict | None]
 
 
 @dataclass
@@ -74,11 +75,11 @@ class ModelService:
         return self.model.predict_proba(X)
 
 
-def _ce_headers(kind: str, rid: str, ts: float, client: str, service: ModelService) -> list[tuple[str, bytes]]:
+def _ce_headers(kind: str, rid: str, ts: float, client: str, model: str) -> list[tuple[str, bytes]]:
     """CloudEvents binary-mode headers as KServe's logger writes them (the caller forwarded in ce_metadata)."""
     when = datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     h = {"ce_specversion": "1.0", "ce_id": rid, "ce_type": f"org.kubeflow.serving.inference.{kind}",
-         "ce_source": "http://localhost:9081/", "ce_time": when, "ce_inferenceservicename": service.name,
+         "ce_source": "http://localhost:9081/", "ce_time": when, "ce_inferenceservicename": model,
          "ce_namespace": "models", "ce_component": "predictor", "ce_endpoint": "default",
          "ce_metadata": json.dumps({"X-Client-Id": [client]}), "content-type": "application/json"}
     return [(k, v.encode()) for k, v in h.items()]
@@ -92,7 +93,6 @@ class TrafficPlan:
         self.rng = np.random.default_rng(seed)
         self.duration_s, self.rate, self.n_clients = duration_s, rate, n_clients
         self.truth = GroundTruth()
-        self.epoch0 = round(time.time(), 3)  # event time of the schedule's start
 
     def _window(self, lo: float, hi: float, length: float) -> tuple[float, float]:
         """A campaign of ``length`` (fraction of the run) starting at a random time in [lo, hi]."""
@@ -109,7 +109,8 @@ class TrafficPlan:
         rows = rng.integers(0, len(ds.X_test), n)
         X = ds.X_test[rows].copy()
         t = np.sort(rng.uniform(0, T, n))
-        weights = rng.pareto(1.5, self.n_clients) + 1
+        # a long tail of light tenants and a few heavy ones; the heaviest sends at most ~2 % of the traffic
+        weights = np.minimum(rng.pareto(1.5, self.n_clients) + 1, 0.02 * self.n_clients)
         clients = np.array([f"tenant-{c}" for c in rng.choice(self.n_clients, n, p=weights / weights.sum())])
         kinds = np.array(["benign"] * n, dtype=object)
         streams: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
@@ -155,16 +156,15 @@ class TrafficPlan:
         probs = self.service.answer(Xall)
         out: list[PlanItem] = []
         for seq, i in enumerate(order.tolist()):
-            rid, kind, cid, ts = f"req-{seq}", str(kall[i]), str(call[i]), self.epoch0 + float(tall[i])
+            rid, kind, cid = f"req-{seq}", str(kall[i]), str(call[i])
             request = {"id": rid, "inputs": [{"name": "input-0", "shape": [1, ds.dim], "datatype": "FP32",
                                               "data": np.round(Xall[i], 4).tolist()}]}
             response = {"model_name": self.service.name, "model_version": self.service.version, "id": rid,
                         "outputs": [{"name": "output-0", "shape": [1, ds.n_classes], "datatype": "FP32",
                                      "data": np.round(probs[i], 5).tolist()}]}
-            out.append((float(tall[i]), "request", json.dumps(request).encode(),
-                        _ce_headers("request", rid, ts, cid, self.service)))
-            out.append((float(tall[i]) + 0.002, "response", json.dumps(response).encode(),
-                        _ce_headers("response", rid, ts, cid, self.service)))
+            ce = {"rid": rid, "client": cid, "model": self.service.name}
+            out.append((float(tall[i]), "request", request, ce))
+            out.append((float(tall[i]) + 0.002, "response", response, ce))
             truth.traffic.setdefault(kind.split(":")[0], []).append(float(tall[i]))
             if kind == "evasion":
                 truth.evasion_ids.add(rid)
@@ -207,9 +207,9 @@ class TrafficPlan:
         for i in range(n):
             fid = f"fb-{i}"
             (truth.poisoned_feedback_ids if flip[i] or backdoor[i] else truth.benign_feedback_ids).add(fid)
-            rec = {"id": fid, "ts": self.epoch0 + float(t[i]), "model": self.service.name, "source": str(sources[i]),
+            rec = {"id": fid, "ts": None, "model": self.service.name, "source": str(sources[i]),
                    "input": np.round(X[i], 4).tolist(), "label": int(y[i])}
-            out.append((float(t[i]), "feedback", json.dumps(rec).encode(), []))
+            out.append((float(t[i]), "feedback", rec, None))
             truth.traffic.setdefault("feedback", []).append(float(t[i]))
         return out
 
@@ -217,20 +217,31 @@ class TrafficPlan:
         """Records a real stream also carries: garbage, wrong shapes, NaN. They must be dead-lettered."""
         bad = [b"not json at all", b'{"id": "x"}',
                b'{"id": "y", "ts": 1, "model": "m", "source": "s", "input": [NaN], "label": 1}']
-        out = [(float(self.rng.uniform(0, self.duration_s)), "feedback", bad[i % len(bad)], []) for i in range(30)]
+        out = [(float(self.rng.uniform(0, self.duration_s)), "feedback", bad[i % len(bad)], None) for i in range(30)]
         self.truth.broken = len(out)
         return out
 
 
+def encode(item: PlanItem, t0: float) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """The record as the service would send it now: event time = the moment it is published."""
+    offset, kind, body, ce = item
+    if isinstance(body, bytes):
+        return body, []
+    if ce is None:  # native feedback record
+        return json.dumps({**body, "ts": round(t0 + offset, 3)}).encode(), []
+    return json.dumps(body).encode(), _ce_headers(kind, ce["rid"], t0 + offset, ce["client"], ce["model"])
+
+
 def publish(plan: list[PlanItem], producer, t0: float, progress: dict, stop) -> None:
     """Publish records at their scheduled time, as the model service would."""
-    for offset, kind, value, headers in plan:
+    for item in plan:
         if stop.is_set():
             break
-        delay = t0 + offset - time.time()
+        delay = t0 + item[0] - time.time()
         if delay > 0:
             time.sleep(delay)
-        producer.send(TOPICS[kind], value, headers=headers)
+        value, headers = encode(item, t0)
+        producer.send(TOPICS[item[1]], value, headers=headers)
         progress["produced"] = progress.get("produced", 0) + 1
     producer.flush()
     progress["done"] = True
