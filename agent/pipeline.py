@@ -159,12 +159,22 @@ class Pipeline:
             self.close()
         return self.counters
 
+    def flush_detectors(self) -> None:
+        """Findings detectors hold in open windows (poisoning) are raised and delivered before we exit."""
+        findings = [f for det in self.detectors if hasattr(det, "flush") for f in det.flush()]
+        if findings:
+            self.delivery.deliver(findings)
+            self.counters.findings += len(findings)
+            for f in findings:
+                self.counters.by_family[f.family] = self.counters.by_family.get(f.family, 0) + 1
+
     def stop(self) -> None:
         self.stopping = True
 
     def close(self) -> None:
         """Flush sinks, checkpoint detector state, close clients (on every exit path)."""
         try:
+            self.flush_detectors()
             self.delivery.flush(10.0)
             self.checkpoint.save(self.detectors)
         finally:

@@ -1,0 +1,256 @@
+"""Feedback-poisoning scenarios: benign labelled feedback with honest noise, plus campaigns.
+
+Benign feedback: test rows with their true labels from ~40 sources (a few
+busy reviewers, a long tail) over one simulated hour, with honest mistakes at
+``HONEST_ERROR_RATE``. Honest mistakes are made the way people make them: on
+ambiguous inputs (picked with weight 1 - margin of a kNN vote on the training
+data) and to the runner-up class of that vote (a 4 read as a 9), not to a
+random class.
+
+Campaigns (each run on its own benign stream, a few percent of the feedback):
+
+- ``random_flip``: labels replaced by a random other class, spread over all sources.
+- ``pair_flip``: one class relabelled as another (targeted), spread over all sources.
+- ``source_flip``: random flips, all from one compromised source.
+- ``backdoor``: a trigger (digits: a 2x2 patch of full-ink pixels in a corner;
+  tabular: one weakly informative feature pinned to an extreme value) stamped on inputs of other
+  classes, relabelled to the target class, from three sources.
+- held out (not looked at while writing the detector): ``pair_flip_source``
+  (targeted flips at 2% from one source) and ``backdoor_spread`` (another
+  trigger place and target, at 2%, over all sources).
+
+Counting: precision and recall are over the record ids the findings name,
+against the poisoned ids. ``precision`` (the headline) counts every flagged
+honest mistake as a false positive; ``precision_lenient`` counts it as a
+true catch (its label is wrong and should not be trained on either). Both are
+reported.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from agent.model import WatchedModel, train_classifier
+from agent.records import FeedbackBatch
+from agent.reference import ReferenceData
+from agent.scenarios.data import Dataset, load
+from detectors.base import DetectorContext
+from detectors.poisoning import PoisoningDetector
+
+HONEST_ERROR_RATE = 0.015
+GOAL = 0.9
+DEVELOPMENT_VARIANTS = ("random_flip", "pair_flip", "source_flip", "backdoor")
+
+
+@dataclass(frozen=True)
+class Stream:
+    X: np.ndarray
+    y: np.ndarray
+    sources: list[str]
+    ts: np.ndarray
+    poisoned: np.ndarray  # bool per record
+    honest_mistake: np.ndarray  # bool per record
+
+
+def _knn_vote(ds: Dataset, X: np.ndarray, k: int = 15) -> np.ndarray:
+    """Class vote shares of the k nearest training rows (the "human" view, independent of the model)."""
+    d = torch.cdist(torch.as_tensor(X), torch.as_tensor(ds.X_train))
+    idx = d.topk(k, largest=False).indices.numpy()
+    votes = np.zeros((len(X), ds.n_classes))
+    for j in range(k):
+        votes[np.arange(len(X)), ds.y_train[idx[:, j]]] += 1
+    return votes / k
+
+
+def benign_stream(ds: Dataset, n: int, n_sources: int, rng: np.random.Generator) -> Stream:
+    rows = rng.integers(0, len(ds.X_test), n)
+    X = ds.X_test[rows].copy()
+    y = ds.y_test[rows].copy()
+    votes = _knn_vote(ds, X)
+    srt = np.sort(votes, 1)
+    ambiguity = 1.0 - (srt[:, -1] - srt[:, -2]) + 1e-3
+    n_err = round(HONEST_ERROR_RATE * n)
+    err = rng.choice(n, size=n_err, replace=False, p=ambiguity / ambiguity.sum())
+    vote_wo_true = votes[err].copy()
+    vote_wo_true[np.arange(n_err), y[err]] = -1
+    runner_up = vote_wo_true.argmax(1)
+    no_runner = vote_wo_true.max(1) <= 0  # unanimous: a slip to a random other class
+    runner_up[no_runner] = (y[err][no_runner] + rng.integers(1, ds.n_classes, no_runner.sum())) % ds.n_classes
+    y[err] = runner_up
+    honest = np.zeros(n, bool)
+    honest[err] = True
+    weights = rng.pareto(1.5, n_sources) + 1
+    src = rng.choice(n_sources, size=n, p=weights / weights.sum())
+    return Stream(X, y, [f"reviewer-{s}" for s in src], np.sort(rng.uniform(0, 3600, n)),
+                  np.zeros(n, bool), honest)
+
+
+def _trigger(ds: Dataset, X: np.ndarray, where: str) -> np.ndarray:
+    X = X.copy()
+    if ds.name == "digits":
+        img = X.reshape(-1, 8, 8)
+        if where == "corner":
+            img[:, 6:8, 6:8] = 1.0
+        else:
+            img[:, 0:2, 0:2] = 1.0
+        return img.reshape(len(X), -1)
+    # features barely related to the diagnosis (smoothness error, fractal dimension error), so the
+    # trigger itself does not make an input look like the target class
+    feat = 14 if where == "corner" else 19
+    X[:, feat] = ds.hi if where == "corner" else ds.lo
+    return X
+
+
+def poison(ds: Dataset, variant: str, n: int, rng: np.random.Generator, n_sources: int) -> Stream:
+    """``n`` poisoned feedback records of one campaign variant."""
+    k = ds.n_classes
+    sources_all = [f"reviewer-{s}" for s in rng.integers(0, n_sources, n)]
+    if variant in ("random_flip", "source_flip"):
+        rows = rng.integers(0, len(ds.X_test), n)
+        X, y = ds.X_test[rows].copy(), (ds.y_test[rows] + rng.integers(1, k, n)) % k
+        sources = sources_all if variant == "random_flip" else ["reviewer-compromised"] * n
+    elif variant in ("pair_flip", "pair_flip_source"):
+        a, b = (1, 7) if ds.name == "digits" else (0, 1)
+        if variant == "pair_flip_source":
+            a, b = (3, 8) if ds.name == "digits" else (1, 0)
+        pool = np.flatnonzero(ds.y_test == a)
+        rows = rng.choice(pool, n)
+        X, y = ds.X_test[rows].copy(), np.full(n, b)
+        sources = sources_all if variant == "pair_flip" else ["reviewer-compromised"] * n
+    elif variant in ("backdoor", "backdoor_spread"):
+        target = 0 if variant == "backdoor" else (6 % k)
+        pool = np.flatnonzero(ds.y_test != target)
+        rows = rng.choice(pool, n)
+        X = _trigger(ds, ds.X_test[rows], "corner" if variant == "backdoor" else "other")
+        y = np.full(n, target)
+        sources = ([f"reviewer-bd{i}" for i in rng.integers(0, 3, n)] if variant == "backdoor"
+                   else sources_all)
+    else:
+        raise ValueError(f"unknown poisoning variant {variant!r}")
+    return Stream(X.astype(np.float32), y.astype(np.int64), sources, np.sort(rng.uniform(0, 3600, n)),
+                  np.ones(n, bool), np.zeros(n, bool))
+
+
+VARIANTS = {  # variant -> share of the feedback that is poisoned
+    "random_flip": 0.03, "pair_flip": 0.03, "source_flip": 0.03, "backdoor": 0.04,
+    "pair_flip_source": 0.02, "backdoor_spread": 0.02,
+}
+
+
+def _merge(a: Stream, b: Stream) -> Stream:
+    order = np.argsort(np.concatenate([a.ts, b.ts]), kind="stable")
+    cat = lambda u, v: np.concatenate([u, v])[order]  # noqa: E731
+    srcs = a.sources + b.sources
+    return Stream(cat(a.X, b.X), cat(a.y, b.y), [srcs[i] for i in order], cat(a.ts, b.ts),
+                  cat(a.poisoned, b.poisoned), cat(a.honest_mistake, b.honest_mistake))
+
+
+def run_variant(ds: Dataset, model: WatchedModel, variant: str, n_benign: int, device: torch.device,
+                seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    n_sources = 40
+    benign = benign_stream(ds, n_benign, n_sources, rng)
+    share = VARIANTS[variant]
+    n_poison = round(share * n_benign / (1 - share))
+    stream = _merge(benign, poison(ds, variant, n_poison, rng, n_sources))
+    ctx = DetectorContext(device=device, input_shape=ds.input_shape, n_classes=ds.n_classes, model=model, seed=seed)
+    det = PoisoningDetector(PoisoningDetector.Options(), ctx)
+    det.fit(ReferenceData(ds.X_train, ds.y_train, ds.input_shape))
+    ids = [f"fb-{i}" for i in range(len(stream.X))]
+    findings = []
+    t0 = time.perf_counter()
+    for i in range(0, len(ids), 256):
+        sl = slice(i, i + 256)
+        n = len(ids[sl])
+        findings += det.update(FeedbackBatch(
+            ids=tuple(ids[sl]), ts=stream.ts[sl], models=(f"{ds.name}-model",) * n,
+            sources=tuple(stream.sources[sl]), X=stream.X[sl], labels=stream.y[sl]), {})
+    findings += det.flush()
+    run_s = time.perf_counter() - t0
+    named = {rid for f in findings for rid in f.related_ids}
+    index = {rid: i for i, rid in enumerate(ids)}
+    sel = np.zeros(len(ids), bool)
+    sel[[index[r] for r in named]] = True
+    tp = int((sel & stream.poisoned).sum())
+    honest_flagged = int((sel & stream.honest_mistake).sum())
+    fp = int(sel.sum()) - tp
+    kinds = sorted({f.evidence["kind"] for f in findings})
+    return {
+        "dataset": ds.name, "variant": variant, "held_out": variant not in DEVELOPMENT_VARIANTS,
+        "poison_share": share, "records": len(ids), "poisoned": int(stream.poisoned.sum()),
+        "honest_mistakes": int(stream.honest_mistake.sum()), "named": int(sel.sum()),
+        "precision": tp / max(int(sel.sum()), 1), "recall": tp / max(int(stream.poisoned.sum()), 1),
+        "precision_lenient": (tp + honest_flagged) / max(int(sel.sum()), 1),
+        "honest_mistakes_named": honest_flagged, "clean_named": fp - honest_flagged,
+        "findings": len(findings), "kinds": kinds,
+        "backdoor_named": variant.startswith("backdoor") and "backdoor" in kinds,
+        "detector_rps": len(ids) / run_s,
+    }
+
+
+def run_benign_only(ds: Dataset, model: WatchedModel, n_benign: int, device: torch.device, seed: int) -> dict:
+    """Clean feedback with honest noise only: how many findings (all false alarms) it raises."""
+    rng = np.random.default_rng(seed)
+    stream = benign_stream(ds, n_benign, 40, rng)
+    ctx = DetectorContext(device=device, input_shape=ds.input_shape, n_classes=ds.n_classes, model=model, seed=seed)
+    det = PoisoningDetector(PoisoningDetector.Options(), ctx)
+    det.fit(ReferenceData(ds.X_train, ds.y_train, ds.input_shape))
+    findings = []
+    for i in range(0, len(stream.X), 256):
+        sl = slice(i, i + 256)
+        n = len(stream.X[sl])
+        findings += det.update(FeedbackBatch(
+            ids=tuple(f"fb-{j}" for j in range(i, i + n)), ts=stream.ts[sl], models=("m",) * n,
+            sources=tuple(stream.sources[sl]), X=stream.X[sl], labels=stream.y[sl]), {})
+    findings += det.flush()
+    return {"dataset": ds.name, "records": len(stream.X), "honest_mistakes": int(stream.honest_mistake.sum()),
+            "findings": len(findings), "records_named": len({r for f in findings for r in f.related_ids})}
+
+
+def evaluate(device: torch.device, quick: bool = False) -> dict:
+    """The poisoning family's section of the eval report (CONTRACT.md), with per-variant figures."""
+    n_benign = 2500 if quick else 6000
+    variants, benign = [], []
+    for name in ("digits", "tabular"):
+        ds = load(name)
+        model = train_classifier(ds.X_train, ds.y_train, ds.input_shape, device, epochs=20 if quick else 40)
+        for j, variant in enumerate(VARIANTS):
+            variants.append(run_variant(ds, model, variant, n_benign, device, seed=100 + j))
+        benign.append(run_benign_only(ds, model, n_benign, device, seed=99))
+    tp = sum(round(v["precision"] * v["named"]) for v in variants)
+    named = sum(v["named"] for v in variants)
+    poisoned = sum(v["poisoned"] for v in variants)
+    caught = sum(round(v["recall"] * v["poisoned"]) for v in variants)
+    return {
+        "precision": tp / max(named, 1),
+        "recall": caught / max(poisoned, 1),
+        "detected": all(v["findings"] > 0 for v in variants),
+        "below_goal": [f"{v['dataset']}/{v['variant']}" for v in variants
+                       if v["precision"] < GOAL or v["recall"] < GOAL],
+        "precision_min": min(v["precision"] for v in variants),
+        "recall_min": min(v["recall"] for v in variants),
+        "precision_lenient": sum(v["precision_lenient"] * v["named"] for v in variants) / max(named, 1),
+        "goal": f"record-level precision and recall >= {GOAL} for every campaign",
+        "counting": "precision counts flagged honest labelling mistakes as false positives; "
+                    "precision_lenient counts them as correct (their labels are wrong too)",
+        "honest_error_rate": HONEST_ERROR_RATE,
+        "variants": variants,
+        "benign_only": benign,
+        "detector_aware": _detector_aware_note(variants),
+    }
+
+
+def _detector_aware_note(variants: list[dict]) -> dict:
+    """What the held-out, lower-rate campaigns (closest to an attacker hiding under the noise) achieved."""
+    held = [v for v in variants if v["held_out"]]
+    return {
+        "description": "campaigns at 2% spread over many sources or hidden in one source, with triggers and "
+                       "class pairs not used while developing; an attacker that picks inputs the model "
+                       "already finds ambiguous (clean-label) is out of reach of label-disagreement signals",
+        "variants": [{"dataset": v["dataset"], "variant": v["variant"], "precision": v["precision"],
+                      "recall": v["recall"]} for v in held],
+    }

@@ -1,0 +1,707 @@
+"""Model extraction and black-box probing, seen as each client's query pattern.
+
+Why per client: one query tells nothing; an extraction or probing campaign is a
+*sequence* of queries from one principal. Per client we keep, in bounded
+memory, the last ``history`` queries (to measure each new query's minimum L2
+distance to that client's previous ones) and a window of the last ``window``
+per-query observations. From them, at every ``check_every`` queries:
+
+- **PRADA** (Juuti et al. 2019): benign clients' minimum distances are close to
+  normally distributed; synthetic extraction queries (Jacobian augmentation,
+  random or out-of-task inputs) make them skewed or multi-modal. PRADA flags
+  when the Shapiro-Wilk statistic W falls below delta. We calibrate delta on
+  simulated benign clients drawn from the reference data, so no attack data
+  is ever used to set it.
+- **Concentration**: probing around one record (membership inference,
+  SimBA-style evasion, inversion) keeps a client's recent distinct queries
+  within a small radius; alarm below ``spread_factor`` x the 0.1% quantile of
+  simulated benign clients' spread.
+- **Share tests** (binomial, level ``alpha``, and a minimum share): the share
+  of the client's window that is a near duplicate of its earlier queries
+  (radius: ``dup_quantile`` of reference nearest-neighbour distances), is
+  answered near a decision boundary (top-1 minus top-2 probability below
+  ``margin``), lies off the reference data (farther from every k-means
+  centroid than ``1 - off_reference_rate`` of held-out reference rows), or is
+  out of distribution per ``notes["ood_p"]`` when ``drift_vae`` ran; plus
+  Fisher's combination of them. Each is tested against the larger of its
+  reference rate and what the typical client shows right now (a mean over
+  clients, each weighing the same), so a drift that moves every client is
+  not an extraction.
+
+Exact repeats (distance 0) are ignored: they give an attacker no information
+and benign clients retry all the time.
+
+A flagged client gets one finding per campaign (``window`` key
+``client:campaign_start_ts``); while the campaign goes on the same uid is
+re-raised with updated counts at most every ``reraise_every`` queries.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from pydantic import Field
+from scipy import stats
+from scipy.special import bdtrc, chdtrc
+
+from agent.findings import Finding, Severity
+from agent.records import InferenceBatch
+from agent.reference import ReferenceData
+from detectors._client_slots import ClientSlots, EvictionAlarm, group_ranks
+from detectors._swilk import shapiro_w
+from detectors.base import Detector, DetectorContext, DetectorOptions
+
+_NEAR_DUP, _LOW_MARGIN, _OOD, _OOD_KNOWN, _OFF_REFERENCE = 1, 2, 4, 8, 16
+
+
+def _w_quantile(w: np.ndarray, q: float) -> float:
+    """Lower ``q`` quantile of W, extrapolated past the simulated sample.
+
+    Royston (1992): ln(1 - W) is close to normal for a fixed n, so fitting its
+    mean and sd on the simulated benign W gives far-tail quantiles (1e-5)
+    that 1,000 simulations could not estimate empirically.
+    """
+    from scipy.special import ndtri
+
+    z = np.log(np.clip(1.0 - w, 1e-12, None))
+    return float(1.0 - np.exp(z.mean() + ndtri(1.0 - q) * z.std(ddof=1)))
+
+
+def _spread(rows: torch.Tensor, min_rows: int) -> float | None:
+    """RMS distance of distinct rows to their mean: how widely a client's recent queries range.
+
+    Probing around one record (membership inference, black-box evasion,
+    inversion) keeps it far below what natural traffic shows. The caller
+    passes distinct rows (exact retries say nothing); None when fewer than
+    ``min_rows``.
+    """
+    if len(rows) < min_rows:
+        return None
+    centred = rows - rows.mean(0)
+    return float(torch.sqrt((centred * centred).sum(1).mean()))
+
+
+def _binom_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p): how surprising k hits are at the benign rate p."""
+    return float(bdtrc(k - 1, n, p)) if k > 0 else 1.0
+
+
+class ExtractionDetector(Detector):
+    """Per-client PRADA + near-duplicate / boundary / OOD query-pattern detector."""
+
+    name: ClassVar[str] = "extraction"
+    family: ClassVar[str] = "extraction"
+    stream: ClassVar[str] = "inference"
+    requires_fit: ClassVar[bool] = True
+    needs_model: ClassVar[bool] = False
+    priority: ClassVar[int] = 50
+
+    class Options(DetectorOptions):
+        max_clients: int = Field(4096, ge=1, description="clients tracked at once; least recently seen evicted")
+        history: int = Field(64, ge=4, le=1024,
+                             description="previous queries per client that a new query's min distance is taken over")
+        window: int = Field(128, ge=16, le=4096, description="recent queries per client that the tests look at")
+        min_queries: int = Field(48, ge=16, description="non-repeat queries a client needs before any test runs")
+        check_every: int = Field(16, ge=1, description="test a client every this many of its queries")
+        prada_fpr: float = Field(1e-5, gt=0, lt=0.5,
+                                 description="delta = this quantile of W for benign clients (per check), "
+                                             "extrapolated from simulations with Royston's ln(1-W) normal fit")
+        prada_simulations: int = Field(1000, ge=100, description="benign clients simulated to calibrate delta")
+        dup_quantile: float = Field(0.01, gt=0, lt=0.5,
+                                    description="near-duplicate radius = this quantile of reference NN distances")
+        alpha: float = Field(1e-5, gt=0, lt=0.01,
+                             description="binomial-test level per check (many checks per client: keep it small)")
+        margin: float = Field(0.2, gt=0, lt=1,
+                              description="top1 - top2 probability below which a query is near a boundary")
+        low_margin_prior: float = Field(0.1, gt=0, lt=1,
+                                        description="benign low-margin rate assumed before the population is seen")
+        min_low_margin_rate: float = Field(0.02, gt=0, lt=1,
+                                           description="floor of the benign low-margin rate (population estimate)")
+        population_min_clients: int = Field(5, ge=1,
+                                            description="clients a batch needs to update the population "
+                                                        "baseline")
+        population_halflife: int = Field(2000, ge=1,
+                                         description="queries over which the population baseline is averaged "
+                                                     "(exponential half-life)")
+        min_share: float = Field(0.1, gt=0, le=1,
+                                 description="a share test needs at least this share of the client's window "
+                                             "and twice its baseline, besides significance")
+        near_dup_min_share: float = Field(0.3, gt=0, le=1,
+                                          description="the same for near-duplicates, which benign retries "
+                                                      "with noise also produce")
+        min_dup_rate: float = Field(0.02, gt=0, lt=1, description="floor of the benign near-duplicate rate")
+        centroids: int = Field(128, ge=2, le=4096, description="k-means centroids summarising the reference data")
+        off_reference_rate: float = Field(0.05, gt=0, lt=0.5,
+                                          description="share of held-out reference rows allowed beyond the "
+                                                      "off-reference radius (the benign rate tested against)")
+        ood_p: float = Field(0.01, gt=0, lt=0.5, description="notes['ood_p'] below this counts as out of distribution")
+        min_ood_rate: float = Field(0.03, gt=0, lt=1, description="floor of the benign out-of-distribution rate")
+        reraise_every: int = Field(1000, ge=1, description="re-raise an ongoing campaign at most every N queries")
+        campaign_quiet_s: float = Field(3600.0, gt=0,
+                                        description="a campaign ends after this long without a flagged check")
+        spread_factor: float = Field(0.5, gt=0, le=1,
+                                     description="concentration alarm below this fraction of the 0.1% "
+                                                 "quantile of simulated benign clients' spread")
+        repeat_eps: float = Field(1e-6, ge=0, description="distance at or below which a query is an exact repeat")
+
+    def __init__(self, options: DetectorOptions, context: DetectorContext):
+        super().__init__(options, context)
+        self.opt: ExtractionDetector.Options = options  # type: ignore[assignment]
+        self.delta: float | None = None
+        self.dup_radius: float | None = None
+        self.benign_dup_rate: float = self.opt.min_dup_rate
+        self.min_spread: float = 0.0
+        self.centroids: torch.Tensor | None = None
+        self.centroid_sq: torch.Tensor | None = None
+        self.off_reference_radius: float = float("inf")
+        self.calibration: dict[str, Any] = {}
+        self._reset_runtime()
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, reference: ReferenceData) -> None:
+        """Calibrate delta, the near-duplicate radius and the benign near-duplicate rate.
+
+        Benign clients are simulated as sequences of reference rows drawn at
+        random; the same ring-buffer distance computation as at run time gives
+        their min-distance windows, so delta is the quantile of W that benign
+        traffic actually produces for this data set.
+        """
+        o = self.opt
+        X = torch.as_tensor(reference.X, dtype=torch.float32, device=self.context.device)
+        n = len(X)
+        if n < 20:
+            raise ValueError(f"extraction needs at least 20 reference rows to calibrate, got {n}")
+        nn_d = []
+        for i in range(0, n, 1024):
+            d = torch.cdist(X[i : i + 1024], X, compute_mode="donot_use_mm_for_euclid_dist")
+            d[d <= o.repeat_eps] = float("inf")  # the row itself and exact duplicates
+            nn_d.append(d.min(1).values)
+        nn = torch.cat(nn_d).cpu().numpy()
+        nn = nn[np.isfinite(nn)]
+        self.dup_radius = float(np.quantile(nn, o.dup_quantile))
+        self._fit_reference_cover(reference)
+
+        rng = np.random.default_rng(self.context.seed)
+        length = o.history + o.window
+        w_small, w_full, spreads, dup_hits, dup_total = [], [], [], 0, 0
+        for start in range(0, o.prada_simulations, 200):
+            s = min(200, o.prada_simulations - start)
+            seq = X[torch.as_tensor(rng.integers(0, n, (s, length)), device=X.device)]
+            d = torch.cdist(seq, seq, compute_mode="donot_use_mm_for_euclid_dist")  # [s, L, L]
+            idx = torch.arange(length, device=X.device)
+            lag = idx[:, None] - idx[None, :]
+            valid = (lag > 0) & (lag <= o.history)
+            d = d.masked_fill(~valid, float("inf"))
+            d = d.masked_fill(d <= o.repeat_eps, float("inf"))
+            mins = d.min(2).values[:, o.history :].cpu().numpy()
+            for sim in seq[:, -o.history :]:
+                value = _spread(torch.unique(sim, dim=0), o.min_queries)
+                if value is not None:
+                    spreads.append(value)
+            for row in mins:
+                row = row[np.isfinite(row)]
+                if len(row) >= o.min_queries:
+                    w_small.append(shapiro_w(row[: o.min_queries]))
+                    w_full.append(shapiro_w(row))
+                    dup_hits += int((row <= self.dup_radius).sum())
+                    dup_total += len(row)
+        if not w_full:
+            raise ValueError("extraction: reference data has too many exact duplicates to calibrate; "
+                             "give more distinct reference rows")
+        q_small = _w_quantile(np.asarray(w_small), o.prada_fpr)
+        q_full = _w_quantile(np.asarray(w_full), o.prada_fpr)
+        self.delta = min(q_small, q_full)
+        self.benign_dup_rate = max(o.min_dup_rate, dup_hits / max(dup_total, 1))
+        self.min_spread = float(np.quantile(spreads, 0.001)) * o.spread_factor if spreads else 0.0
+        self.calibration = {
+            "delta": self.delta, "w_min_queries_quantile": q_small, "w_window_quantile": q_full,
+            "w_benign_median": float(np.median(w_full)), "dup_radius": self.dup_radius,
+            "benign_dup_rate": dup_hits / max(dup_total, 1), "simulated_clients": len(w_full),
+            "reference_rows": n, "min_spread": self.min_spread,
+            "benign_spread_median": float(np.median(spreads)) if spreads else None,
+        }
+
+    def _fit_reference_cover(self, reference: ReferenceData) -> None:
+        """Centroids of half the reference; the other half sets the off-reference radius.
+
+        A query farther from every centroid than ``1 - off_reference_rate`` of
+        held-out benign rows is "off reference". Synthetic, random and
+        out-of-task queries mostly are, so a client whose share is far above
+        ``off_reference_rate`` is querying outside the task's data. This works
+        without ``drift_vae``; its ``ood_p`` is used as well when present.
+        """
+        from sklearn.cluster import KMeans
+
+        o = self.opt
+        fit_part, cal_part = reference.split(0.5, seed=self.context.seed)
+        k = max(2, min(o.centroids, len(fit_part.X) // 4))
+        km = KMeans(n_clusters=k, n_init=1, random_state=self.context.seed).fit(fit_part.X)
+        centroids = km.cluster_centers_.astype(np.float32)
+        d = np.sqrt(((cal_part.X[:, None, :] - centroids[None]) ** 2).sum(-1).min(1))
+        self._set_centroids(centroids, float(np.quantile(d, 1 - o.off_reference_rate)))
+
+    def _set_centroids(self, centroids: np.ndarray, radius: float) -> None:
+        self.centroids = torch.as_tensor(centroids, dtype=torch.float32, device=self.context.device)
+        self.centroid_sq = (self.centroids * self.centroids).sum(1)
+        self.off_reference_radius = radius
+
+    def artifacts(self) -> dict[str, Any]:
+        if self.delta is None:
+            return {}
+        return {"calibration": dict(self.calibration), "benign_dup_rate": self.benign_dup_rate,
+                "centroids": self.centroids.cpu().numpy(), "off_reference_radius": self.off_reference_radius}
+
+    def load_artifacts(self, tree: dict[str, Any]) -> None:
+        cal = tree["calibration"]
+        self.calibration = dict(cal)
+        self.delta = float(cal["delta"])
+        self.dup_radius = float(cal["dup_radius"])
+        self.benign_dup_rate = float(tree["benign_dup_rate"])
+        self.min_spread = float(cal["min_spread"])
+        self._set_centroids(np.asarray(tree["centroids"], np.float32), float(tree["off_reference_radius"]))
+
+    # ------------------------------------------------------------ runtime state
+    def _reset_runtime(self) -> None:
+        self.slots = ClientSlots(self.opt.max_clients)
+        self._eviction_alarm = EvictionAlarm(self.name, self.family)
+        self._cap = 0
+        self._dim: int | None = None
+        self._k: int | None = None
+        self.hist = torch.zeros((0, self.opt.history, 0), device=self.context.device)
+        self.hist_sq = torch.zeros((0, self.opt.history), device=self.context.device)
+        self.hist_len = np.zeros(0, np.int64)
+        self.hist_rep = np.zeros((0, self.opt.history), bool)  # entry repeats an earlier query exactly
+        self.hist_pos = np.zeros(0, np.int64)
+        self.win_dist = np.zeros((0, self.opt.window), np.float32)
+        self.win_flags = np.zeros((0, self.opt.window), np.uint8)
+        self.win_label = np.zeros((0, self.opt.window), np.int16)
+        self.win_prob = np.zeros((0, self.opt.window, 0), np.float32)
+        self.win_pos = np.zeros(0, np.int64)
+        self.win_len = np.zeros(0, np.int64)
+        self.count = np.zeros(0, np.int64)  # all queries of the client (repeats included)
+        self.informative = np.zeros(0, np.int64)  # non-repeat queries
+        self.next_check = np.zeros(0, np.int64)
+        self.camp_start = np.zeros(0, np.float64)  # NaN: no campaign
+        self.camp_last_flag = np.zeros(0, np.float64)
+        self.camp_raised_at = np.zeros(0, np.int64)  # client's query count at the last raise
+        self.camp_first_count = np.zeros(0, np.int64)
+        self.ids: list[deque[str]] = []
+        self.batch_rate: dict[str, float] = {}  # this batch's population rate (a drift shows at once)
+        self.pop_rate = {"near_duplicates": 0.0, "low_margin": self.opt.low_margin_prior,
+                         "off_reference": self.opt.off_reference_rate, "out_of_distribution": self.opt.min_ood_rate}
+        self.findings_raised = 0
+        self._mask_cache: dict[int, torch.Tensor] = {}
+
+    def _ensure(self, dim: int, k: int | None) -> None:
+        """Allocate or grow the slot arrays (doubling) to cover every issued slot."""
+        if self._dim is None:
+            self._dim = dim
+            self.hist = torch.zeros((0, self.opt.history, dim), device=self.context.device)
+        elif dim != self._dim:
+            raise ValueError(f"extraction: input has {dim} features but earlier records had {self._dim}; "
+                             "records of different models must go to separate detector instances")
+        if k is not None and self._k is None:
+            self._k = k
+            self.win_prob = np.zeros((self._cap, self.opt.window, k), np.float32)
+        need = self.slots.high_water
+        if need <= self._cap:
+            return
+        new = min(self.opt.max_clients, max(need, 2 * self._cap, 64))
+        grow = new - self._cap
+
+        def pad(a: np.ndarray, fill: float = 0) -> np.ndarray:
+            return np.concatenate([a, np.full((grow, *a.shape[1:]), fill, a.dtype)])
+
+        dev = self.context.device
+        self.hist = torch.cat([self.hist, torch.zeros((grow, self.opt.history, self._dim), device=dev)])
+        self.hist_sq = torch.cat([self.hist_sq, torch.full((grow, self.opt.history), float("inf"), device=dev)])
+        for name in ("hist_len", "hist_pos", "win_pos", "win_len", "count", "informative", "next_check",
+                     "camp_raised_at", "camp_first_count"):
+            setattr(self, name, pad(getattr(self, name)))
+        self.win_dist = pad(self.win_dist, np.nan)
+        self.hist_rep = pad(self.hist_rep)
+        self.win_flags = pad(self.win_flags)
+        self.win_label = pad(self.win_label, -1)
+        if self._k is not None:
+            self.win_prob = pad(self.win_prob, np.nan)
+        self.camp_start = pad(self.camp_start, np.nan)
+        self.camp_last_flag = pad(self.camp_last_flag, np.nan)
+        self.ids.extend(deque(maxlen=self.opt.window) for _ in range(grow))
+        self._cap = new
+
+    def _reset_slots(self, fresh: list[int]) -> None:
+        if not fresh:
+            return
+        f = np.asarray(fresh)
+        self.hist_len[f] = 0
+        self.hist_rep[f] = False
+        self.hist_sq[torch.as_tensor(f, device=self.context.device)] = float("inf")
+        self.hist_pos[f] = 0
+        self.win_pos[f] = 0
+        self.win_len[f] = 0
+        self.count[f] = 0
+        self.informative[f] = 0
+        self.next_check[f] = self.opt.min_queries
+        self.win_dist[f] = np.nan
+        self.win_flags[f] = 0
+        self.win_label[f] = -1
+        if self._k is not None:
+            self.win_prob[f] = np.nan
+        self.camp_start[f] = np.nan
+        self.camp_last_flag[f] = np.nan
+        self.camp_raised_at[f] = 0
+        self.camp_first_count[f] = 0
+        for s in fresh:
+            self.ids[s] = deque(maxlen=self.opt.window)
+
+    # ------------------------------------------------------------------ update
+    def update(self, batch: InferenceBatch, notes: dict[str, Any]) -> list[Finding]:  # type: ignore[override]
+        n = len(batch)
+        if n == 0:
+            return []
+        if self.delta is None or self.dup_radius is None:
+            raise RuntimeError("extraction detector is not fitted: run `inferwatch train` (or call fit) first")
+        o = self.opt
+        probs = batch.probs
+        k = None if probs is None else probs.shape[1]
+        slots, fresh = self.slots.assign(batch.clients)
+        self._ensure(batch.X.shape[1], k)
+        self._reset_slots(fresh)
+
+        # 1. min distance of every query to its client's history and earlier same-client rows of this batch
+        dev = self.context.device
+        x = torch.as_tensor(batch.X, dtype=torch.float32, device=dev)
+        x_sq = (x * x).sum(1)
+        slots_t = torch.as_tensor(slots, device=dev)
+        buf = self.hist.index_select(0, slots_t)  # [n, H, d]
+        # unfilled history entries hold |h|^2 = +inf, so they never win the min
+        d2 = (self.hist_sq.index_select(0, slots_t) + x_sq[:, None]).sub_((buf * x[:, None, :]).sum(2), alpha=2)
+        d2_in = torch.addmm(x_sq[:, None] + x_sq[None, :], x, x.T, alpha=-2)
+        d2_in.masked_fill_((slots_t[:, None] != slots_t[None, :]) | self._not_earlier(n), float("inf"))
+        d2 = torch.cat([d2, d2_in], 1)
+        # the norm expansion loses ~1e-7 relative precision on |x|^2: tolerate it when spotting repeats
+        eps2 = o.repeat_eps ** 2 + 1e-6 * x_sq
+        nearest = d2.min(1).values
+        is_repeat_t = nearest <= eps2
+        if bool(is_repeat_t.any()):  # rare: the distance that counts is to the nearest non-repeat
+            rows = torch.nonzero(is_repeat_t).squeeze(1)
+            sub = d2[rows]
+            nearest[rows] = sub.masked_fill_(sub <= eps2[rows, None], float("inf")).min(1).values
+        d_min = torch.sqrt(nearest.clamp_min_(0)).cpu().numpy()
+        is_repeat = is_repeat_t.cpu().numpy()
+
+        # 2. per-query observations
+        dist = np.where(is_repeat | ~np.isfinite(d_min), np.nan, d_min).astype(np.float32)
+        flags = np.zeros(n, np.uint8)
+        flags[np.nan_to_num(dist, nan=np.inf) <= self.dup_radius] |= _NEAR_DUP
+        if probs is not None:
+            top2 = np.partition(probs, -2, axis=1)[:, -2:] if k and k >= 2 else None
+            if top2 is not None:
+                have = np.isfinite(top2).all(1)
+                low = have & ((top2[:, 1] - top2[:, 0]) < o.margin)
+                flags[low] |= _LOW_MARGIN
+        if self.centroids is not None:
+            c = self.centroids
+            d2c = (x_sq[:, None] + self.centroid_sq[None, :]).sub_(x @ c.T, alpha=2)
+            off = torch.sqrt(d2c.min(1).values.clamp_min_(0)).cpu().numpy() > self.off_reference_radius
+            flags[off] |= _OFF_REFERENCE
+        ood_p = notes.get("ood_p")
+        if ood_p is not None and len(ood_p) == n:
+            ood_p = np.asarray(ood_p, dtype=np.float64)
+            known = np.isfinite(ood_p)
+            flags[known] |= _OOD_KNOWN
+            flags[known & (ood_p < o.ood_p)] |= _OOD
+        informative = ~is_repeat
+        self._update_population(slots[informative], flags[informative])
+
+        # 3. scatter into the per-client rings (history: every query; window: non-repeats only)
+        self._push_history(x, x_sq, slots, is_repeat)
+        np.add.at(self.count, slots, 1)
+        inf_rows = np.flatnonzero(informative)
+        if len(inf_rows):
+            self._push_window(slots[inf_rows], inf_rows, dist, flags, batch, probs)
+        # 4. test the clients whose informative count reached their next check
+        last_row: dict[int, int] = {}
+        ids = batch.ids
+        for i, (s, keep) in enumerate(zip(slots.tolist(), informative.tolist())):
+            if keep:
+                self.ids[s].append(ids[i])
+            last_row[s] = i
+        findings: list[Finding] = []
+        due = [s for s in last_row if self.informative[s] >= self.next_check[s]]
+        client_of = self.slots.client_of() if due else {}
+        for s in due:
+            self.next_check[s] = self.informative[s] + o.check_every
+            i = last_row[s]
+            f = self._check(s, client_of[s], batch.models[i], float(batch.ts[i]))
+            if f is not None:
+                findings.append(f)
+        findings += self._eviction_alarm.check(self.slots, float(batch.ts.max()))
+        self.findings_raised += len(findings)
+        return findings
+
+    def _update_population(self, slots: np.ndarray, flags: np.ndarray) -> None:
+        """Track what the typical client's queries look like right now, per signal.
+
+        Per batch: each client's share of queries showing the signal, averaged
+        over the clients in the batch with equal weight (used at once, and in
+        an exponentially weighted average over batches). Weighing clients, not
+        records, is what one busy attacker (or a few among many clients)
+        barely moves, while a drift that shifts every client's queries moves
+        it at once.
+        """
+        if len(flags) == 0:
+            return
+        present = np.bincount(slots, minlength=self._cap)
+        have = present > 0
+        if have.sum() < self.opt.population_min_clients:
+            return
+        w = 1.0 - math.exp(-len(flags) * math.log(2) / self.opt.population_halflife)
+        for name, bit, known_bit in (("near_duplicates", _NEAR_DUP, 0), ("low_margin", _LOW_MARGIN, 0),
+                                     ("off_reference", _OFF_REFERENCE, 0), ("out_of_distribution", _OOD, _OOD_KNOWN)):
+            if known_bit:
+                known = (flags & known_bit).astype(bool)
+                if not known.any():
+                    continue
+                denom = np.bincount(slots[known], minlength=self._cap)
+                hits = np.bincount(slots[known], weights=(flags[known] & bit).astype(bool), minlength=self._cap)
+                mask = denom > 0
+            else:
+                denom, mask = present, have
+                hits = np.bincount(slots, weights=(flags & bit).astype(bool), minlength=self._cap)
+            # every client weighs the same, however many queries it sent: a few attacking clients
+            # among many barely raise the baseline, a drift of everyone raises it at once
+            typical = float((hits[mask] / denom[mask]).mean())
+            self.pop_rate[name] += w * (typical - self.pop_rate[name])
+            self.batch_rate[name] = typical
+
+    def _not_earlier(self, n: int) -> torch.Tensor:
+        """[n, n] mask of (i, j) with j >= i: row i may only look at earlier rows of the batch."""
+        mask = self._mask_cache.get(n)
+        if mask is None:
+            mask = torch.ones(n, n, dtype=torch.bool, device=self.context.device).triu(0)
+            self._mask_cache = {n: mask}
+        return mask
+
+    def _push_history(self, x: torch.Tensor, x_sq: torch.Tensor, slots: np.ndarray, is_repeat: np.ndarray) -> None:
+        H = self.opt.history
+        ranks = group_ranks(slots)
+        per_slot = np.bincount(slots, minlength=self._cap)
+        keep = ranks >= per_slot[slots] - H  # only the last H rows of a client matter
+        rows = np.flatnonzero(keep)
+        pos = (self.hist_pos[slots[rows]] + ranks[rows]) % H
+        dev = self.context.device
+        s_t = torch.as_tensor(slots[rows], device=dev)
+        p_t = torch.as_tensor(pos, device=dev)
+        r_t = torch.as_tensor(rows, device=dev)
+        self.hist[s_t, p_t] = x[r_t]
+        self.hist_sq[s_t, p_t] = x_sq[r_t]
+        self.hist_rep[slots[rows], pos] = is_repeat[rows]
+        touched = np.flatnonzero(per_slot)
+        self.hist_pos[touched] = (self.hist_pos[touched] + per_slot[touched]) % H
+        self.hist_len[touched] = np.minimum(self.hist_len[touched] + per_slot[touched], H)
+
+    def _push_window(self, slots: np.ndarray, rows: np.ndarray, dist: np.ndarray, flags: np.ndarray,
+                     batch: InferenceBatch, probs: np.ndarray | None) -> None:
+        W = self.opt.window
+        np.add.at(self.informative, slots, 1)
+        ranks = group_ranks(slots)
+        per_slot = np.bincount(slots, minlength=self._cap)
+        keep = ranks >= per_slot[slots] - W
+        slots, rows, ranks = slots[keep], rows[keep], ranks[keep]
+        pos = (self.win_pos[slots] + ranks) % W
+        self.win_dist[slots, pos] = dist[rows]
+        self.win_flags[slots, pos] = flags[rows]
+        self.win_label[slots, pos] = batch.labels[rows]
+        if probs is not None and self._k is not None:
+            self.win_prob[slots, pos] = probs[rows]
+        touched = np.flatnonzero(per_slot)
+        self.win_pos[touched] = (self.win_pos[touched] + per_slot[touched]) % W
+        self.win_len[touched] = np.minimum(self.win_len[touched] + per_slot[touched], W)
+
+    # ------------------------------------------------------------------ tests
+    def _ordered(self, a: np.ndarray, s: int) -> np.ndarray:
+        """Slot s's ring in arrival order (oldest first), only the filled part."""
+        n, pos, W = int(self.win_len[s]), int(self.win_pos[s]), self.opt.window
+        idx = (np.arange(pos - n, pos)) % W
+        return a[s, idx]
+
+    def _check(self, s: int, client: str, model: str, ts: float) -> Finding | None:
+        o = self.opt
+        dist = self._ordered(self.win_dist, s)
+        flags = self._ordered(self.win_flags, s)
+        valid = np.isfinite(dist)
+        d = dist[valid]
+        reasons: dict[str, Any] = {}
+        evidence: dict[str, Any] = {"window_queries": len(flags), "client_queries": int(self.count[s])}
+        if len(d) >= o.min_queries:
+            w = shapiro_w(d)
+            evidence["prada_w"] = w
+            evidence["prada_delta"] = self.delta
+            if w < self.delta:
+                reasons["prada"] = w
+        distinct = np.flatnonzero(~self.hist_rep[s] & (np.arange(o.history) < self.hist_len[s]))
+        spread = None
+        if len(distinct) >= o.min_queries:
+            if self.hist.device.type == "cpu":  # a numpy view: no per-call torch dispatch on the hot path
+                rows = self.hist.numpy()[s, distinct].astype(np.float64)
+                centred = rows - rows.mean(0)
+                spread = float(np.sqrt((centred * centred).sum(1).mean()))
+            else:
+                spread = _spread(self.hist[s, torch.as_tensor(distinct, device=self.hist.device)], o.min_queries)
+        if spread is not None:
+            evidence.update(spread=spread, min_benign_spread=self.min_spread)
+            if spread < self.min_spread:
+                reasons["concentrated"] = spread
+        n = len(flags)
+        evidence.update(near_dup_radius=self.dup_radius, off_reference_radius=self.off_reference_radius)
+        # share tests: a client's rate against the benign baseline, which is the larger of what the
+        # reference data shows and what the whole population does right now (a drift that moves
+        # every client off the reference is drift_vae's finding, not an extraction campaign)
+        pvalues: dict[str, float] = {}
+        any_large = False
+        for name, bit, floor in (("near_duplicates", _NEAR_DUP, self.benign_dup_rate),
+                                 ("low_margin", _LOW_MARGIN, o.min_low_margin_rate),
+                                 ("off_reference", _OFF_REFERENCE, o.off_reference_rate),
+                                 ("out_of_distribution", _OOD, o.min_ood_rate)):
+            if name == "low_margin" and self._k is None:
+                continue
+            if name == "off_reference" and self.centroids is None:
+                continue
+            total = n
+            if name == "out_of_distribution":
+                total = int((flags & _OOD_KNOWN).astype(bool).sum())
+                if total < o.min_queries:
+                    continue
+            hits = int((flags & bit).astype(bool).sum())
+            base = max(floor, self.pop_rate[name], self.batch_rate.get(name, 0.0))
+            p = _binom_tail(hits, total, base)
+            share = hits / total
+            # near-identical queries are common in benign traffic too (retries with sensor noise of
+            # the same input), so that signal needs a larger share than the others
+            large = (share >= (o.near_dup_min_share if name == "near_duplicates" else o.min_share)
+                     and share >= 2 * base)
+            any_large |= large
+            pvalues[name] = p
+            evidence[name] = {"count": hits, "of": total, "share": share, "baseline": base, "p": p}
+            if p < o.alpha and large:
+                reasons[name] = p
+        # Fisher's combination: several moderately raised signals together are as telling as one
+        # strongly raised one (the rates are not independent in general, so this is a heuristic at
+        # the same small alpha; it still needs one share above its minimum)
+        if len(pvalues) >= 2:
+            stat = -2.0 * float(np.sum(np.log(np.maximum(list(pvalues.values()), 1e-300))))
+            p_comb = float(chdtrc(2 * len(pvalues), stat))
+            evidence["combined_p"] = p_comb
+            if p_comb < o.alpha and any_large:
+                reasons["combined"] = p_comb
+        labels = self._ordered(self.win_label, s)
+        labels = labels[labels >= 0]
+        if len(labels):
+            share = np.bincount(labels) / len(labels)
+            share = share[share > 0]
+            evidence["classes_seen"] = len(share)
+            evidence["class_entropy_bits"] = float(-(share * np.log2(share)).sum())
+
+        started = self.camp_start[s]
+        if not reasons:
+            if np.isfinite(started) and ts - self.camp_last_flag[s] > o.campaign_quiet_s:
+                self.camp_start[s] = np.nan  # campaign over; a new flag starts a new one
+            return None
+        new_campaign = not np.isfinite(started)
+        if new_campaign:
+            self.camp_start[s] = ts
+            self.camp_first_count[s] = self.count[s]
+        elif self.count[s] - self.camp_raised_at[s] < o.reraise_every:
+            self.camp_last_flag[s] = ts
+            return None
+        self.camp_last_flag[s] = ts
+        self.camp_raised_at[s] = self.count[s]
+        evidence["reasons"] = {k: float(v) for k, v in reasons.items()}
+        evidence["queries_at_first_detection"] = int(self.camp_first_count[s])
+        attacks, kind = self._classify(s, reasons, flags)
+        evidence["pattern"] = kind
+        strength = min(1.0, max(-math.log10(max(min(
+            [v for k2, v in reasons.items() if k2 != "prada"] or [1.0]), 1e-300)) / 30, 0.0)
+            + (0.5 if "prada" in reasons else 0.0))
+        confidence = round(0.5 + 0.5 * strength, 3)
+        severity = Severity.HIGH if len(reasons) > 1 or kind == "extraction" else Severity.MEDIUM
+        return Finding(
+            family="extraction", detector=self.name,
+            title=f"Client {client} query pattern looks like {kind.replace('_', ' ')}",
+            severity=severity, actor=client, model=model, related_ids=tuple(self.ids[s]),
+            window=f"{client}:{self.camp_start[s]:.3f}", evidence=evidence, attacks=attacks,
+            time_ms=int(ts * 1000), confidence=confidence,
+            message=(f"{client}: {', '.join(sorted(reasons))} over its last {n} distinct queries "
+                     f"({int(self.count[s])} queries in all)"),
+            analytic_type="statistical",
+        )
+
+    def _classify(self, s: int, reasons: dict[str, Any], flags: np.ndarray) -> tuple[tuple[str, ...], str]:
+        """Name the likely technique from the shape of the client's window.
+
+        Probing runs (near duplicates or a tight cluster) whose top class's
+        confidence climbs from low to high are inversion; runs that walk away
+        from their first class, or sit on a boundary, are black-box evasion
+        optimisation; a tight cluster otherwise is membership probing;
+        everything else is extraction.
+        """
+        probing = "near_duplicates" in reasons or "concentrated" in reasons
+        if probing and self._k is not None:
+            p = self._ordered(self.win_prob, s)
+            p = p[np.isfinite(p).all(1)]
+            if len(p) >= 8:
+                q = max(len(p) // 4, 1)
+                target = int(np.argmax(p[-q:].mean(0)))
+                track = p[:, target]
+                rho = stats.spearmanr(np.arange(len(p)), track).statistic if np.ptp(track) > 0 else 0.0
+                start, end = p[:q, target].mean(), p[-q:, target].mean()
+                if np.isfinite(rho) and rho > 0.6 and end - start > 0.2 and start < 0.5:
+                    return ("AML.T0024.001", "AML.T0024"), "model_inversion"
+                first = int(np.argmax(p[:q].mean(0)))
+                low = (flags & _LOW_MARGIN).astype(bool).mean()
+                if p[:q, first].mean() - p[-q:, first].mean() > 0.2 or low > 0.5:
+                    return ("AML.T0043.001",), "black_box_probing"
+        if "concentrated" in reasons:
+            return ("AML.T0024.000", "AML.T0024"), "membership_inference"
+        return ("AML.T0024.002", "AML.T0024"), "extraction"
+
+    # ------------------------------------------------------------ checkpoints
+    _ARRAYS = ("hist_len", "hist_rep", "hist_pos", "win_dist", "win_flags", "win_label",
+               "win_prob", "win_pos", "win_len", "count", "informative", "next_check", "camp_start",
+               "camp_last_flag", "camp_raised_at", "camp_first_count")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "slots": self.slots.state_dict(), "cap": self._cap, "dim": -1 if self._dim is None else self._dim,
+            "k": -1 if self._k is None else self._k,
+            "hist": self.hist.cpu().numpy(), "hist_sq": self.hist_sq.cpu().numpy(),
+            **{name: getattr(self, name) for name in self._ARRAYS},
+            "ids": [list(q) for q in self.ids],
+            "pop_rate": dict(self.pop_rate), "batch_rate": dict(self.batch_rate),
+            "findings_raised": self.findings_raised,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._reset_runtime()
+        self.slots.load_state_dict(state["slots"])
+        self._cap = int(state["cap"])
+        self._dim = None if int(state["dim"]) < 0 else int(state["dim"])
+        self._k = None if int(state["k"]) < 0 else int(state["k"])
+        dev = self.context.device
+        self.hist = torch.as_tensor(np.asarray(state["hist"], np.float32), device=dev).clone()
+        self.hist_sq = torch.as_tensor(np.asarray(state["hist_sq"], np.float32), device=dev).clone()
+        for name in self._ARRAYS:
+            setattr(self, name, np.array(state[name]))
+        self.ids = [deque(q, maxlen=self.opt.window) for q in state["ids"]]
+        self.pop_rate = {k: float(v) for k, v in state["pop_rate"].items()}
+        self.batch_rate = {k: float(v) for k, v in state["batch_rate"].items()}
+        self.findings_raised = int(state["findings_raised"])
+
+    @property
+    def evictions(self) -> int:
+        return self.slots.evictions

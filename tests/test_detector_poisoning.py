@@ -1,0 +1,169 @@
+"""Poisoning detector: logic, state round trip, devices and the family's goals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from agent.model import train_classifier
+from agent.records import FeedbackBatch
+from agent.reference import ReferenceData
+from agent.scenarios.data import load
+from agent.scenarios.poisoning import _merge, benign_stream, poison
+from agent.state import load_tree, save_tree
+from detectors.base import DetectorContext
+from detectors.poisoning import PoisoningDetector
+
+torch.set_num_threads(1)
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    ds = load("digits")
+    model = train_classifier(ds.X_train, ds.y_train, ds.input_shape, CPU, epochs=20)
+    return ds, model
+
+
+def make(ds, model, device: torch.device = CPU, fit: bool = True, **options) -> PoisoningDetector:
+    if device != model.device:
+        model.module.to(device)
+        model.device = device
+    det = PoisoningDetector(PoisoningDetector.Options(**options),
+                            DetectorContext(device=device, input_shape=ds.input_shape, n_classes=10, model=model))
+    if fit:
+        det.fit(ReferenceData(ds.X_train, ds.y_train, ds.input_shape))
+    return det
+
+
+def stream(ds, variant: str | None, seed: int = 0, n: int = 2500, share: float = 0.03):
+    rng = np.random.default_rng(seed)
+    s = benign_stream(ds, n, 40, rng)
+    if variant:
+        s = _merge(s, poison(ds, variant, int(share * n), rng, 40))
+    return s
+
+
+def feed(det, s, start: int = 0, stop: int | None = None, size: int = 256, flush: bool = True):
+    out = []
+    ids = [f"fb-{i}" for i in range(len(s.X))]
+    for k, i in enumerate(range(0, len(ids), size)):
+        if k < start or (stop is not None and k >= stop):
+            continue
+        sl = slice(i, i + size)
+        n = len(ids[sl])
+        out += det.update(FeedbackBatch(ids=tuple(ids[sl]), ts=s.ts[sl], models=("digits",) * n,
+                                        sources=tuple(s.sources[sl]), X=s.X[sl], labels=s.y[sl]), {})
+    if flush:
+        out += det.flush()
+    return out
+
+
+def named(findings) -> set[str]:
+    return {r for f in findings for r in f.related_ids}
+
+
+def poisoned_ids(s) -> set[str]:
+    return {f"fb-{i}" for i in np.flatnonzero(s.poisoned)}
+
+
+def test_unfitted_detector_refuses(digits) -> None:
+    ds, model = digits
+    det = make(ds, model, fit=False)
+    s = stream(ds, None, n=100)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        feed(det, s)
+
+
+def test_clean_feedback_with_honest_noise_is_quiet(digits) -> None:
+    ds, model = digits
+    det = make(ds, model)
+    assert feed(det, stream(ds, None, seed=1)) == []
+
+
+def test_compromised_source_is_named_with_its_records(digits) -> None:
+    ds, model = digits
+    s = stream(ds, "source_flip", seed=2)
+    findings = feed(make(ds, model), s)
+    assert findings and {f.actor for f in findings} == {"reviewer-compromised"}
+    got, truth = named(findings), poisoned_ids(s)
+    assert len(got & truth) / len(got) >= 0.9 and len(got & truth) / len(truth) >= 0.9
+    f = findings[0]
+    assert f.family == "poisoning" and f.attacks == ("AML.T0020",)
+    assert f.evidence["records"] and {"score", "p_model_label", "knn_agreement"} <= set(f.evidence["records"][0])
+
+
+def test_backdoor_trigger_found_with_its_pixels(digits) -> None:
+    ds, model = digits
+    s = stream(ds, "backdoor", seed=3, share=0.04)
+    findings = feed(make(ds, model), s)
+    back = [f for f in findings if f.evidence["kind"] == "backdoor"]
+    assert back, [f.evidence["kind"] for f in findings]
+    assert back[0].attacks[:2] == ("AML.T0018.000", "AML.T0043.004")
+    trigger = back[0].evidence["trigger"]
+    assert trigger["target_label"] == 0
+    assert set(trigger["trigger_features"]) <= {54, 55, 62, 63}  # the 2x2 corner patch
+    got, truth = named(findings), poisoned_ids(s)
+    assert len(got & truth) / len(got) >= 0.9 and len(got & truth) / len(truth) >= 0.9
+
+
+def test_uid_stable_per_source_window_kind(digits) -> None:
+    ds, model = digits
+    findings = feed(make(ds, model, reraise_every=3), stream(ds, "source_flip", seed=4))
+    by_key: dict[tuple, set] = {}
+    for f in findings:
+        by_key.setdefault((f.actor, f.evidence["window_start"], f.evidence["kind"]), set()).add(f.uid)
+    assert all(len(uids) == 1 for uids in by_key.values())
+    assert len(findings) > len(by_key), "updates of a grown finding should have been re-raised"
+
+
+def test_artifacts_and_state_round_trip(digits, tmp_path) -> None:
+    ds, model = digits
+    s = stream(ds, "source_flip", seed=5)
+    straight = make(ds, model)
+    expected = feed(straight, s)
+    assert expected
+
+    save_tree(tmp_path / "poisoning.npz", straight.artifacts())
+    first = make(ds, model, fit=False)
+    first.load_artifacts(load_tree(tmp_path / "poisoning.npz"))
+    got = feed(first, s, stop=5, flush=False)
+    save_tree(tmp_path / "state.npz", first.state_dict())
+    resumed = make(ds, model, fit=False)
+    resumed.load_artifacts(load_tree(tmp_path / "poisoning.npz"))
+    resumed.load_state_dict(load_tree(tmp_path / "state.npz"))
+    got += feed(resumed, s, start=5)
+    assert [(f.uid, f.related_ids) for f in got] == [(f.uid, f.related_ids) for f in expected]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_matches_cpu(digits) -> None:
+    ds, model = digits
+    s = stream(ds, "backdoor", seed=3, share=0.04)
+    cpu = named(feed(make(ds, model), s))
+    gpu = named(feed(make(ds, model, device=torch.device("cuda")), s))
+    model.module.to(CPU)
+    model.device = CPU
+    assert len(cpu ^ gpu) <= 2  # float differences may move a record across the threshold
+
+
+@pytest.mark.slow
+def test_evaluate_quick_meets_goals() -> None:
+    from agent.scenarios.poisoning import evaluate
+
+    report = evaluate(CPU, quick=True)
+    assert report["detected"]
+    assert all(b["findings"] == 0 for b in report["benign_only"]), report["benign_only"]
+    by = {(v["dataset"], v["variant"]): v for v in report["variants"]}
+    # campaigns from one or a few sources, and backdoors on digits: the goal (>= 0.9 both ways)
+    for key in [("digits", "source_flip"), ("digits", "backdoor"), ("digits", "pair_flip_source"),
+                ("tabular", "source_flip"), ("tabular", "pair_flip_source")]:
+        v = by[key]
+        assert v["precision"] >= 0.9 and v["recall"] >= 0.9, v
+    assert by[("digits", "backdoor")]["backdoor_named"] and by[("tabular", "backdoor")]["backdoor_named"]
+    # flips spread thinly over all 40 sources: below the goal (see the report); guard against regressions
+    for key in [("digits", "random_flip"), ("digits", "pair_flip")]:
+        v = by[key]
+        assert v["precision"] >= 0.8 and v["recall"] >= 0.8, v
+    assert report["precision"] >= 0.9
