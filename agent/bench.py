@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 
 from agent.broker import EmbeddedBroker
-from agent.device import resolve_device
+from agent.device import configure_cpu_threads, resolve_device
 
 TOPIC = "bench.inference"
+T0 = 1_763_877_600.0  # event time of the first produced record; records are 0.5 ms apart (2,000/s)
 
 
 def _reference(dim: int, n_classes: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
@@ -46,7 +47,7 @@ def _records(X: np.ndarray, probs: np.ndarray, n: int, seed: int = 1) -> list[by
     rows = rng.integers(0, len(X), n)
     out = []
     for i, r in enumerate(rows.tolist()):
-        out.append(json.dumps({"id": f"b-{i}", "ts": 0.0, "model": "bench", "client_id": f"c-{i % 500}",
+        out.append(json.dumps({"id": f"b-{i}", "ts": T0 + i / 2000.0, "model": "bench", "client_id": f"c-{i % 500}",
                                "input": np.round(X[r], 4).tolist(),
                                "output": {"probs": np.round(probs[r], 4).tolist()}}).encode())
     return out
@@ -117,7 +118,7 @@ def run_bench(events: int = 200_000, device: str = "auto", features: int = 64, a
     from detectors.base import registry
 
     dev = resolve_device(device)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    configure_cpu_threads(None)  # as the agent runs (agent/device.py says why)
     X, y, shape = _reference(features)
     tmp = Path(tempfile.mkdtemp(prefix="inferwatch-bench-"))
     np.savez(tmp / "reference.npz", X=X.reshape(len(X), *shape), y=y)
@@ -292,7 +293,8 @@ def _scale_out(tmp: Path, bootstrap: str, device: str, names: list[str], values:
     admin.create_topics([NewTopic(topic, 4, 1)])
     admin.close()
     path = _config(tmp, bootstrap, f"scale{procs}", device, names)
-    path.write_text(path.read_text().replace(f"inference: [{TOPIC}]", f"inference: [{topic}]"))
+    path.write_text(path.read_text().replace(f"inference: [{TOPIC}], feedback: [bench.feedback]",
+                                             f"inference: [{topic}], feedback: []"))
     ctx = mp.get_context("spawn")
     ready, first_last, go = ctx.Queue(), ctx.Queue(), ctx.Event()
     consumed = ctx.Value("q", 0)
