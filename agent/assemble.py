@@ -9,11 +9,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from agent import signing
 from agent.artifacts import load_detectors
 from agent.checkpoint import Checkpointer
 from agent.config import AgentConfig
 from agent.delivery import Delivery
+from agent.device import configure_cpu_threads
 from agent.pipeline import Pipeline
+from agent.signing import build_signer
 from agent.telemetry import Telemetry
 from connectors.deadletter import FileDeadLetters, KafkaDeadLetters
 from connectors.decoder_router import DecoderRouter
@@ -64,6 +67,8 @@ def build_source(cfg: AgentConfig):
 
 
 def build_pipeline(cfg: AgentConfig) -> Pipeline:
+    configure_cpu_threads(cfg.cpu_threads)
+    signing.install(build_signer(cfg.signing))  # before any sink renders a finding
     detectors, context = load_detectors(cfg)
     checkpoint = Checkpointer(Path(cfg.state.dir), cfg.state.checkpoint_interval_s)
     restored = checkpoint.restore(detectors)

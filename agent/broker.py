@@ -58,10 +58,16 @@ class EmbeddedBroker:
     durable engine URL for tests that restart the broker.
     """
 
-    def __init__(self, port: int | None = None, storage: str = "memory://tansu/", log_path: Path | None = None):
+    def __init__(self, port: int | None = None, storage: str = "memory://tansu/", log_path: Path | None = None,
+                 *, advertised_port: int | None = None, authentication: bool = False):
+        """``advertised_port``: the port clients are told to use, when they reach the broker through a
+        TLS terminator (Tansu 0.6.0's own ``--cert``/``--key`` cannot be combined, see tests/kafka_security.py).
+        ``authentication``: pass Tansu's ``--authentication`` (every client must SASL-authenticate)."""
         self.port = port or free_port()
         self.storage = storage
         self.log_path = log_path
+        self.advertised_port = advertised_port or self.port
+        self.authentication = authentication
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -70,8 +76,10 @@ class EmbeddedBroker:
 
     def start(self, timeout_s: float = 20.0) -> EmbeddedBroker:
         url = f"tcp://127.0.0.1:{self.port}"
-        cmd = [str(broker_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
-               "--storage-engine", self.storage]
+        cmd = [str(broker_binary()), "broker", "--listener-url", url,
+               "--advertised-listener-url", f"tcp://127.0.0.1:{self.advertised_port}", "--storage-engine", self.storage]
+        if self.authentication:
+            cmd.append("--authentication")
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout_s

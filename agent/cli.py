@@ -32,10 +32,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from kafka.errors import KafkaConnectionError, KafkaTimeoutError
+
     from agent.assemble import build_pipeline
 
     cfg = _load(args.config)
-    pipeline = build_pipeline(cfg)
+    try:
+        pipeline = build_pipeline(cfg)
+    except (KafkaTimeoutError, KafkaConnectionError) as exc:  # TLS, SASL and network failures all look like this
+        print(cfg.kafka.unreachable_hint(exc), file=sys.stderr)
+        return EXIT_FAILURE
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: pipeline.stop())
     try:
@@ -176,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("kafka").setLevel(logging.WARNING)
     from agent.config import ConfigError
     from agent.reference import ReferenceError
+    from agent.signing import SigningKeyError
     from agent.state import ArtifactError
 
     try:
@@ -184,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in exc.problems:
             print(line, file=sys.stderr)
         return EXIT_USAGE
-    except (ReferenceError, ArtifactError) as exc:
+    except (ReferenceError, ArtifactError, SigningKeyError) as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from agent.signing import SigningOptions
 from connectors.kafka_options import KafkaOptions
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -100,12 +101,14 @@ class AgentConfig(_Strict):
     artifacts: Path = Path("./artifacts")
     state: StateOptions = Field(default_factory=StateOptions)
     device: str = "auto"
+    cpu_threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads; default 1 (scale out instead)")
     detectors: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # Raw sections after ${VAR} expansion: they hold secrets in clear text, so they never print or dump;
     # the typed sink_options (SecretStr-masked) are what everything else uses.
     sinks: list[dict[str, Any]] = Field(default_factory=list, repr=False, exclude=True)
     delivery: dict[str, Any] = Field(default_factory=dict)
     telemetry: dict[str, Any] = Field(default_factory=dict)
+    signing: SigningOptions = Field(default_factory=SigningOptions)
 
     # Filled by load_config after validation: the typed per-detector / per-sink options.
     detector_options: dict[str, Any] = Field(default_factory=dict, exclude=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agent import __version__
+from agent import __version__, signing
 from agent.atlas import ATLAS_VERSION, technique
 from agent.findings import Finding
 
@@ -96,4 +96,4 @@ def to_ocsf(finding: Finding) -> dict[str, Any]:
         event["actor"] = {"user": {"uid": finding.actor}}
     if finding.model is not None:
         event["resources"] = [{"name": finding.model, "type": "AI Model"}]
-    return event
+    return signing.apply(event)  # adds unmapped.inferwatch.signature when `signing:` is configured

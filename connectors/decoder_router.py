@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from agent.records import DecodedBatch, RawRecord, merge_decoded
+from agent.records import DeadLetter, DecodedBatch, RawRecord, merge_decoded
 
 
 def _merge_feedback(a: DecodedBatch, b: DecodedBatch) -> DecodedBatch:
@@ -28,9 +28,14 @@ class DecoderRouter:
 
     def decode(self, records: Sequence[RawRecord]) -> DecodedBatch:
         parts: dict[int, list[RawRecord]] = {}
+        unrouted: list[DeadLetter] = []
         for r in records:
-            parts.setdefault(id(self.by_topic[r.topic]), []).append(r)
-        out = DecodedBatch()
+            dec = self.by_topic.get(r.topic)
+            if dec is None:  # never raise on input (issue 6): a record of an unconfigured topic is dead-lettered
+                unrouted.append(DeadLetter(r, f"topic: {r.topic!r} has no decoder; add it to source.topics"))
+                continue
+            parts.setdefault(id(dec), []).append(r)
+        out = DecodedBatch(dead=tuple(unrouted))
         for dec in self.decoders:
             if id(dec) in parts:
                 out = _merge_feedback(out, dec.decode(parts[id(dec)]))

@@ -51,6 +51,25 @@ class KafkaOptions(BaseModel):
                 raise ValueError(f"{name}: file {str(p)!r} does not exist")
         return self
 
+    def unreachable_hint(self, exc: BaseException) -> str:
+        """What to check when no broker could be bootstrapped.
+
+        kafka-python reports a TLS verification failure, a rejected SASL login and
+        a closed port all as the same bootstrap timeout, so the hint names every
+        setting that can cause it for this ``security_protocol`` (never a secret's value).
+        """
+        checks = [f"bootstrap_servers ({self.bootstrap_servers}) is reachable and is a {self.security_protocol} "
+                  "listener"]
+        if "SSL" in self.security_protocol:
+            checks.append(f"kafka.ssl_cafile ({self.ssl_cafile or 'system CAs'}) is the CA that signed the "
+                          f"broker's certificate and the certificate names the host "
+                          f"(ssl_check_hostname={self.ssl_check_hostname})")
+        if self.security_protocol.startswith("SASL"):
+            checks.append(f"kafka.sasl_mechanism ({self.sasl_mechanism}) is enabled on the broker and "
+                          f"kafka.sasl_username ({self.sasl_username}) / kafka.sasl_password are a user it knows")
+        return (f"cannot connect to Kafka: {type(exc).__name__}: {exc}. Check that " + "; that ".join(checks)
+                + ". Run with -v for the client's log.")
+
     def client_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for KafkaConsumer / KafkaProducer / KafkaAdminClient."""
         kw: dict[str, Any] = {

@@ -10,9 +10,7 @@ must return ``SUCCESS`` only once the findings are delivered or durably spooled.
 from __future__ import annotations
 
 import functools
-import importlib
 import logging
-import pkgutil
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from enum import Enum
@@ -112,20 +110,6 @@ def _run_once(shutdown: Any) -> Any:
 
 def registry() -> dict[str, type[Sink]]:
     """Every concrete sink under ``connectors/``, by its ``type_name``."""
-    import connectors
+    from agent.plugins import discover
 
-    found: dict[str, type[Sink]] = {}
-    for info in pkgutil.iter_modules(connectors.__path__):
-        if info.name.startswith("_") or info.name == "sink":
-            continue
-        module = importlib.import_module(f"connectors.{info.name}")
-        for obj in vars(module).values():
-            if (
-                isinstance(obj, type)
-                and issubclass(obj, Sink)
-                and obj is not Sink
-                and not getattr(obj, "__abstractmethods__", None)
-                and obj.__module__ == module.__name__
-            ):
-                found[obj.type_name] = obj
-    return found
+    return discover("connectors", Sink, "type_name", skip=frozenset({"sink"}))

@@ -98,3 +98,43 @@ def group_ranks(slots: np.ndarray) -> np.ndarray:
     ranks = np.empty(len(slots), dtype=np.int64)
     ranks[order] = np.arange(len(slots)) - run_start
     return ranks
+
+
+class EvictionAlarm:
+    """Says so in a finding when a detector's client table evicted clients (issue 6, hostile clients).
+
+    LRU eviction keeps memory bounded under a flood of client ids, but it also
+    drops the evidence a detector had accumulated about the evicted clients: an
+    attacker who rotates ids, or floods with fresh ones, can flush their own
+    history. That must not happen silently, so at most one finding per
+    ``interval_s`` of event time reports how many clients were evicted since the
+    last report. Findings are of the owning detector's family, so they route
+    like its other findings.
+    """
+
+    def __init__(self, detector: str, family: str, interval_s: float = 300.0):
+        self.detector, self.family, self.interval_s = detector, family, interval_s
+        self._reported = 0
+        self._last_window: int | None = None
+
+    def check(self, slots: ClientSlots, now_s: float) -> list:
+        """A finding when ``slots`` evicted clients since the last report and this interval has none yet."""
+        from agent.findings import Finding, Severity
+
+        if slots.evictions < self._reported:  # the table was rebuilt (reset or restored): count afresh
+            self._reported = 0
+        new = slots.evictions - self._reported
+        window = int(now_s // self.interval_s)
+        if new <= 0 or window == self._last_window:
+            return []
+        self._reported, self._last_window = slots.evictions, window
+        return [Finding(
+            family=self.family, detector=self.detector, severity=Severity.MEDIUM, actor=None, model=None,
+            title=f"{self.detector}: {new} clients evicted from per-client state (max_clients={slots.max_clients})",
+            message=(f"{self.detector} tracks at most {slots.max_clients} clients and evicted {new} least recently "
+                     "seen ones since its last report; their accumulated evidence is gone, so an attacker rotating "
+                     "or flooding client ids may evade per-client detection. Raise max_clients or find the flood."),
+            related_ids=(), window=f"evictions:{window}", attacks=("AML.T0015",), time_ms=int(now_s * 1000),
+            evidence={"evicted_since_last_report": new, "evictions_total": slots.evictions,
+                      "max_clients": slots.max_clients, "tracked_clients": len(slots)},
+        )]

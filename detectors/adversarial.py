@@ -61,7 +61,7 @@ from agent.records import InferenceBatch
 from agent.reference import ReferenceData
 from detectors import _attacks as attacks
 from detectors._adv_features import N_FEATURES, FeatureExtractor, FeatureSpec, fit_spec
-from detectors._client_slots import ClientSlots
+from detectors._client_slots import ClientSlots, EvictionAlarm
 from detectors._conformal import ConformalCalibrator
 from detectors.base import Detector, DetectorOptions
 
@@ -424,7 +424,7 @@ class AdversarialDetector(Detector):
         findings[:0] = self._record_findings(batch, p, flagged, slots, bb_slots)
         if shift_finding is not None:
             findings.insert(0, shift_finding)
-        return findings
+        return findings + self._eviction_alarm.check(self.slots, float(batch.ts.max()))
 
     def _ensure_capacity(self, fresh: list[int]) -> None:
         """Grow the per-slot arrays to the slot table's high-water mark; reset reused slots."""
@@ -682,6 +682,7 @@ class AdversarialDetector(Detector):
     def _reset_runtime(self) -> None:
         dim = len(self.spec.mean) if self.spec is not None else (self.context.input_dim or 0)
         self.slots = ClientSlots(self.opts.max_clients)
+        self._eviction_alarm = EvictionAlarm(self.name, self.family)
         self._last_ts = np.zeros(0)
         self._total = np.zeros(0)
         self._flagged_count = np.zeros(0)

@@ -23,8 +23,6 @@ list of findings raised so far in this batch by earlier detectors.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -100,16 +98,8 @@ class Detector(ABC):
 
 
 def registry() -> dict[str, type[Detector]]:
-    """Every concrete detector in this package, by name, found by walking the package."""
-    import detectors
+    """Every concrete detector in this package, by name, in the order they run (``priority``)."""
+    from agent.plugins import discover
 
-    found: dict[str, type[Detector]] = {}
-    for info in pkgutil.iter_modules(detectors.__path__):
-        if info.name.startswith("_") or info.name == "base":
-            continue
-        module = importlib.import_module(f"detectors.{info.name}")
-        for obj in vars(module).values():
-            if (isinstance(obj, type) and issubclass(obj, Detector) and obj is not Detector
-                    and not getattr(obj, "__abstractmethods__", None) and obj.__module__ == module.__name__):
-                found[obj.name] = obj
+    found = discover("detectors", Detector, "name", skip=frozenset({"base"}))
     return dict(sorted(found.items(), key=lambda kv: (kv[1].priority, kv[0])))

@@ -59,7 +59,7 @@ from torch import nn
 from agent.findings import MAX_RELATED, Finding, Severity
 from agent.records import InferenceBatch
 from agent.reference import ReferenceData
-from detectors._client_slots import ClientSlots
+from detectors._client_slots import ClientSlots, EvictionAlarm
 from detectors._conformal import ConformalCalibrator
 from detectors.base import Detector, DetectorOptions
 
@@ -150,6 +150,7 @@ class DriftVAE(Detector):
         self._counters = {"records": 0, "record_findings": 0, "record_findings_capped": 0, "episodes": 0,
                           "evicted_models": 0, "attributed_to_clients": 0}
         self._slots = ClientSlots(options.max_clients)
+        self._eviction_alarm = EvictionAlarm(self.name, self.family)
         self._far_share = np.zeros(0, np.float64)  # per client slot: EWMA of far-out records
         self._seen = np.zeros(0, np.int64)  # per client slot: records seen
 
@@ -262,7 +263,7 @@ class DriftVAE(Detector):
             findings += self._feature_means(state, model, batch, idx)
             if self.class_freq is not None:
                 findings += self._label_shift(state, model, batch, idx)
-        return findings
+        return findings + self._eviction_alarm.check(self._slots, float(batch.ts.max()))
 
     def _population(self, batch: InferenceBatch, p_tail: np.ndarray) -> np.ndarray:
         """Rows that speak for the population: all, minus those of a small minority of anomalous clients."""

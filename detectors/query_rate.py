@@ -21,7 +21,7 @@ from pydantic import Field
 
 from agent.findings import Finding, Severity
 from agent.records import InferenceBatch
-from detectors._client_slots import ClientSlots
+from detectors._client_slots import ClientSlots, EvictionAlarm
 from detectors.base import Detector, DetectorOptions
 
 BUCKETS = 12
@@ -46,6 +46,7 @@ class QueryRate(Detector):
         self.options: QueryRateOptions = options
         self._bucket_s = options.window_s / BUCKETS
         self._slots = ClientSlots(options.max_clients)
+        self._eviction_alarm = EvictionAlarm(self.name, self.family)
         self._counts = np.zeros((0, BUCKETS), np.int64)
         self._epoch = np.zeros(0, np.int64)  # newest bucket index per slot
         self._alerted = np.zeros(0, bool)
@@ -101,7 +102,7 @@ class QueryRate(Detector):
             rows = np.flatnonzero(inv == j)
             self._episode_start[s] = float(batch.ts[rows[0]])
             findings.append(self._finding(batch.clients[rows[0]], s, int(totals[j]), batch.models[rows[0]]))
-        return findings
+        return findings + self._eviction_alarm.check(self._slots, float(batch.ts.max()))
 
     def _remember(self, batch: InferenceBatch, slots: np.ndarray, uniq: np.ndarray, totals: np.ndarray) -> None:
         """Keep recent record ids only for clients above a quarter of the threshold (the watch list)."""
