@@ -118,6 +118,10 @@ class SplunkHecSink(Sink):
                 return ExportResult.FAILURE
             reply = _json(resp.body)
             if resp.status == 200:
+                if reply.get("code") != 0:  # HEC's documented success is {"text":"Success","code":0}
+                    log.warning("sink %s: HTTP 200 without HEC's success body (%r); not counted as delivered, "
+                                "retrying (is a proxy answering for Splunk?)", self.name, resp.body[:120])
+                    return ExportResult.FAILURE
                 if self.options.use_ack:
                     return self._wait_for_ack(reply.get("ackId"))
                 return ExportResult.SUCCESS
