@@ -7,7 +7,10 @@ before the content of its queries says anything. Sliding window in event time
 bounded memory: client state lives in arrays indexed by a slot of a bounded LRU
 table (least recently seen clients are evicted and counted). One finding per
 episode: raised when a client crosses ``max_queries`` within ``window_s``,
-re-armed once it falls below half of it. Record ids are kept only for clients
+re-armed once it falls below half of it. An episode is named (its finding's
+``uid``) by the bucket where the client's run of activity began, or where the
+detector re-armed, never by where a poll happened to split the stream, so a
+replay after a crash raises the same uid. Record ids are kept only for clients
 on the watch list (above a quarter of the threshold), so memory stays small.
 """
 
@@ -51,6 +54,7 @@ class QueryRate(Detector):
         self._epoch = np.zeros(0, np.int64)  # newest bucket index per slot
         self._alerted = np.zeros(0, bool)
         self._episode_start = np.zeros(0, np.float64)
+        self._run_start = np.zeros(0, np.int64)  # bucket where the client's current run of activity began
         self._watch: dict[int, deque[str]] = {}  # slot -> recent ids, for clients near the threshold
 
     @property
@@ -63,7 +67,8 @@ class QueryRate(Detector):
             return
         size = max(need, 2 * len(self._epoch), 64)
         self._counts = np.vstack([self._counts, np.zeros((size - len(self._counts), BUCKETS), np.int64)])
-        for name, fill in (("_epoch", -(1 << 40)), ("_alerted", False), ("_episode_start", 0.0)):
+        for name, fill in (("_epoch", -(1 << 40)), ("_alerted", False), ("_episode_start", 0.0),
+                           ("_run_start", -1)):
             arr = getattr(self, name)
             setattr(self, name, np.concatenate([arr, np.full(size - len(arr), fill, arr.dtype)]))
 
@@ -89,18 +94,24 @@ class QueryRate(Detector):
         block = self._counts[uniq]
         block[stale] = 0
         self._counts[uniq] = block
+        oldest = np.minimum.reduceat(epochs[np.argsort(inv, kind="stable")],
+                                     np.r_[0, np.cumsum(np.bincount(inv))[:-1]])
+        idle = block.sum(axis=1) == 0  # nothing in the window: this batch starts a new run of activity
+        self._run_start[uniq[idle]] = np.maximum(oldest[idle], newest[idle] - BUCKETS + 1)
         self._epoch[uniq] = newest
         live = epochs > newest[inv] - BUCKETS  # late rows older than the window are ignored
         np.add.at(self._counts, (slots[live], epochs[live] % BUCKETS), 1)
         totals = self._counts[uniq].sum(axis=1)
-        self._alerted[uniq[self._alerted[uniq] & (totals < self.options.max_queries // 2)]] = False
+        rearm = uniq[self._alerted[uniq] & (totals < self.options.max_queries // 2)]
+        self._alerted[rearm] = False
+        self._run_start[rearm] = self._epoch[rearm]  # the next episode is named from here
         self._remember(batch, slots, uniq, totals)
         findings = []
         for j in np.flatnonzero(~self._alerted[uniq] & (totals > self.options.max_queries)).tolist():
             s = int(uniq[j])
             self._alerted[s] = True
             rows = np.flatnonzero(inv == j)
-            self._episode_start[s] = float(batch.ts[rows[0]])
+            self._episode_start[s] = float(self._run_start[s] * self._bucket_s)
             findings.append(self._finding(batch.clients[rows[0]], s, int(totals[j]), batch.models[rows[0]]))
         return findings + self._eviction_alarm.check(self._slots, float(batch.ts.max()))
 
@@ -126,7 +137,7 @@ class QueryRate(Detector):
                      f"({rate:.1f}/s, threshold {self.options.max_queries}); black-box attacks "
                      "(extraction, score-based evasion, membership probing) need floods like this."),
             actor=cid, model=model, related_ids=tuple(self._watch.get(slot, ())),
-            window=f"{int(self._episode_start[slot])}",
+            window=f"{self._episode_start[slot]:.0f}",
             evidence={"queries_in_window": total, "window_s": self.options.window_s,
                       "threshold": self.options.max_queries, "rate_per_s": round(rate, 3)},
             attacks=("AML.T0043.001",), confidence=min(1.0, total / (2 * self.options.max_queries)),
@@ -138,6 +149,7 @@ class QueryRate(Detector):
             "slots": self._slots.state_dict(),
             "counts": self._counts[:n].copy(), "epochs": self._epoch[:n].copy(),
             "alerted": self._alerted[:n].copy(), "episode_start": self._episode_start[:n].copy(),
+            "run_start": self._run_start[:n].copy(),
             "watch_slots": np.asarray(list(self._watch), np.int64),
             "watch_ids": [list(d) for d in self._watch.values()],
         }
@@ -148,5 +160,6 @@ class QueryRate(Detector):
         self._epoch = np.asarray(state["epochs"], np.int64).copy()
         self._alerted = np.asarray(state["alerted"], bool).copy()
         self._episode_start = np.asarray(state["episode_start"], np.float64).copy()
+        self._run_start = np.asarray(state["run_start"], np.int64).copy()
         self._watch = {int(s): deque(ids, maxlen=self.options.max_related)
                        for s, ids in zip(state["watch_slots"].tolist(), state["watch_ids"])}

@@ -7,8 +7,8 @@ runs to the end. Checked: every finding of the reference run is delivered by
 the crashed one (compared by uid, the dedup key), detector state was restored
 from its checkpoint on every restart, the group is caught up at the end, and
 the duplicates (at-least-once replays) are counted and bounded. Findings are
-compared by (detector, client): query_rate's uid is not invariant to poll batch
-boundaries, shown by the strict xfail test at the end of this file.
+compared by (detector, client); the test at the end of this file shows that
+query_rate's uid does not depend on where polls split the stream.
 
 What this cannot promise, and why (see the reliability notes): the checkpoint
 is saved *after* the offsets are committed, so a kill between the two restarts
@@ -153,8 +153,6 @@ def watcher_committed(broker: str, group: str, topic: str) -> int:
     return committed(broker, group, topic, 1)[0]
 
 
-@pytest.mark.xfail(strict=True, reason="query_rate's window (the uid) is the ts of the client's first row in the "
-                   "batch that crossed the threshold, so it depends on poll batch boundaries; a restart shifts them")
 def test_query_rate_uid_does_not_depend_on_batch_boundaries() -> None:
     import numpy as np
     import torch
