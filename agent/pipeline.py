@@ -29,6 +29,7 @@ class Source(Protocol):
     def poll(self) -> list[RawRecord]: ...
     def commit(self, next_offsets: dict[TP, int]) -> None: ...
     def lag(self) -> dict[TP, int]: ...
+    def assignment(self) -> set[TP]: ...
     def close(self) -> None: ...
 
 
@@ -145,12 +146,12 @@ class Pipeline:
 
     def run(self, until_idle_s: float | None = None) -> Counters:
         """Loop until ``stop()`` (SIGTERM/SIGINT), or until caught up and idle for ``until_idle_s``."""
-        idle_since = time.monotonic()
+        idle_since = started = time.monotonic()
         try:
             while not self.stopping:
                 if time.monotonic() - self._lag_at > 5.0:
                     self.last_lag, self._lag_at = self.source.lag(), time.monotonic()
-                if self.step():
+                if self.step() or self.awaiting_partitions(started):
                     idle_since = time.monotonic()
                 elif until_idle_s is not None and time.monotonic() - idle_since >= until_idle_s:
                     self.step(final=True)
@@ -158,6 +159,11 @@ class Pipeline:
         finally:
             self.close()
         return self.counters
+
+    def awaiting_partitions(self, started: float, patience_s: float = 120.0) -> bool:
+        """Waiting for the group to hand us partitions is not idleness (after a crash the dead member
+        holds them until its session times out), but we do not wait for ever."""
+        return not self.source.assignment() and time.monotonic() - started < patience_s
 
     def flush_detectors(self) -> None:
         """Findings detectors hold in open windows (poisoning) are raised and delivered before we exit."""
