@@ -59,7 +59,7 @@ from torch import nn
 from agent.findings import MAX_RELATED, Finding, Severity
 from agent.records import InferenceBatch
 from agent.reference import ReferenceData
-from detectors._client_slots import ClientSlots, EvictionAlarm
+from detectors._client_slots import ClientSlots, EvictionAlarm, group_ranks
 from detectors._conformal import ConformalCalibrator
 from detectors.base import Detector, DetectorOptions
 
@@ -135,6 +135,9 @@ class DriftVAE(Detector):
             0.2, gt=0, le=1, description="anomalous clients are left out of the drift tests only while they are "
                                          "fewer than this share of the distinct clients in a batch")
         max_clients: int = Field(100_000, ge=1, description="clients tracked for attribution (LRU)")
+        client_max_share: float = Field(
+            0.05, gt=0, le=1, description="most of the recent traffic one client may make up in the drift tests")
+        client_share_window: int = Field(500, ge=10, description="records over which a client's share is averaged")
 
     def __init__(self, options: DetectorOptions, context):
         super().__init__(options, context)
@@ -153,6 +156,9 @@ class DriftVAE(Detector):
         self._eviction_alarm = EvictionAlarm(self.name, self.family)
         self._far_share = np.zeros(0, np.float64)  # per client slot: EWMA of far-out records
         self._seen = np.zeros(0, np.int64)  # per client slot: records seen
+        self._share = np.zeros(0, np.float64)  # per client slot: EWMA share of the traffic
+        self._share_at = np.zeros(0, np.int64)  # per client slot: self._total when _share was last updated
+        self._total = 0  # records seen by the attribution (the EWMA clock)
 
     # ------------------------------------------------------------------ fitting
     def fit(self, reference: ReferenceData) -> None:
@@ -273,8 +279,12 @@ class DriftVAE(Detector):
             grow = max(need, 2 * len(self._far_share))
             self._far_share = np.resize(self._far_share, grow)
             self._seen = np.resize(self._seen, grow)
+            self._share = np.resize(self._share, grow)
+            self._share_at = np.resize(self._share_at, grow)
         self._far_share[fresh] = 0.0
         self._seen[fresh] = 0
+        self._share[fresh] = 0.0
+        self._share_at[fresh] = self._total
         far = (p_tail < self.opts.client_far_p).astype(np.float64)
         uniq, inv, counts = np.unique(slots, return_inverse=True, return_counts=True)
         far_mean = np.bincount(inv, weights=far) / counts
@@ -286,7 +296,20 @@ class DriftVAE(Detector):
         keep = np.ones(len(batch), bool)
         if anomalous.any() and anomalous.sum() < self.opts.concentrated_max_share * len(uniq):
             keep = ~anomalous[inv]
-            self._counters["attributed_to_clients"] += int((~keep).sum())
+        # No single client speaks for the population: a client whose share of the recent traffic (EWMA over
+        # about `client_share_window` records) exceeds `client_max_share` counts only up to that share (a
+        # prober sending hundreds of queries around one input would otherwise shift the class prior alone).
+        a = 1.0 / self.opts.client_share_window
+        decay = (1.0 - a) ** (self._total - self._share_at[uniq]).astype(np.float64)
+        w = 1.0 - (1.0 - a) ** len(batch)
+        share = self._share[uniq] * decay * (1.0 - w) + w * counts / len(batch)
+        self._share[uniq], self._share_at[uniq] = share, self._total + len(batch)
+        self._total += len(batch)
+        dominant = share > self.opts.client_max_share
+        if dominant.any():
+            allowed = np.where(dominant, np.ceil(counts * self.opts.client_max_share / share), counts)
+            keep &= group_ranks(slots) < allowed[inv]
+        self._counters["attributed_to_clients"] += int((~keep).sum())
         return keep
 
     def _record_findings(self, batch: InferenceBatch, p: np.ndarray, scores: np.ndarray) -> list[Finding]:
@@ -504,7 +527,8 @@ class DriftVAE(Detector):
             })
         n = self._slots.high_water
         return {"models": models, "counters": dict(self._counters), "clients": self._slots.state_dict(),
-                "far_share": self._far_share[:n].copy(), "seen": self._seen[:n].copy()}
+                "far_share": self._far_share[:n].copy(), "seen": self._seen[:n].copy(),
+                "share": self._share[:n].copy(), "share_at": self._share_at[:n].copy(), "total": self._total}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._models = OrderedDict()
@@ -520,6 +544,9 @@ class DriftVAE(Detector):
         self._slots.load_state_dict(state["clients"])
         self._far_share = np.asarray(state["far_share"], np.float64).copy()
         self._seen = np.asarray(state["seen"], np.int64).copy()
+        self._share = np.asarray(state["share"], np.float64).copy()
+        self._share_at = np.asarray(state["share_at"], np.int64).copy()
+        self._total = int(state["total"])
 
 
 def _episode() -> dict[str, Any]:

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_demo_writes_scoreboard_and_findings(tmp_path: Path) -> None:
-    res = subprocess.run([sys.executable, "-m", "agent", "demo", "--out", str(tmp_path), "--duration", "25"],
+    res = subprocess.run([sys.executable, "-m", "agent", "demo", "--out", str(tmp_path), "--duration", "45"],
                          capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     board = json.loads((tmp_path / "scoreboard.json").read_text())
