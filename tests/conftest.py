@@ -51,3 +51,35 @@ def create_topic(bootstrap: str, topic: str, partitions: int = 1) -> None:
         admin.create_topics([NewTopic(topic, partitions, 1)])
     finally:
         admin.close()
+
+
+def agent_config(directory, topic: str, *, kafka: str, detectors: str, sinks: str | None = None, extra: str = "",
+                 max_poll_interval_ms: int = 3000, name: str = "agent.yaml"):
+    """Write an agent configuration for end-to-end tests: topics ``TOPIC.inference|feedback|dead``, group
+    ``TOPIC-group``, state and artifacts under ``directory``, findings in ``directory/out/findings.ocsf.jsonl``.
+
+    ``kafka`` is the YAML flow mapping of the ``kafka:`` section; ``detectors`` and ``sinks`` are YAML
+    lines indented under their section; ``extra`` is appended as top-level YAML.
+    """
+    from pathlib import Path
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    sinks = sinks or f"  - type: jsonl\n    path: {directory}/out/findings.ocsf.jsonl"
+    path = directory / name
+    path.write_text(f"""kafka: {kafka}
+source:
+  topics: {{inference: [{topic}.inference], feedback: [{topic}.feedback]}}
+  group_id: {topic}-group
+  session_timeout_ms: 6000
+  heartbeat_interval_ms: 1000
+  max_poll_interval_ms: {max_poll_interval_ms}
+deadletter: {{topic: {topic}.dead}}
+artifacts: {directory}/artifacts
+state: {{dir: {directory}/state}}
+detectors:
+{detectors}
+sinks:
+{sinks}
+{extra}""")
+    return path

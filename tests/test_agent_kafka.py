@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from tests.conftest import create_topic
+from tests.conftest import agent_config, create_topic
 from tests.test_ocsf import validate_ocsf
 
 pytestmark = pytest.mark.integration
@@ -61,26 +61,8 @@ def produce_all(bootstrap: str, topic: str, values: list[bytes]) -> dict[int, in
 
 
 def write_config(tmp_path: Path, bootstrap: str, topic: str) -> Path:
-    cfg = tmp_path / "agent.yaml"
-    cfg.write_text(f"""
-kafka: {{bootstrap_servers: "{bootstrap}"}}
-source:
-  topics: {{inference: [{topic}.inference], feedback: [{topic}.feedback]}}
-  group_id: {topic}-group
-  session_timeout_ms: 6000
-  heartbeat_interval_ms: 1000
-  max_poll_interval_ms: 3000
-  max_record_bytes: 1048576
-deadletter: {{topic: {topic}.dead}}
-artifacts: {tmp_path}/artifacts
-state: {{dir: {tmp_path}/state}}
-detectors:
-  query_rate: {{window_s: 60, max_queries: 500}}
-sinks:
-  - type: jsonl
-    path: {tmp_path}/out/findings.ocsf.jsonl
-""")
-    return cfg
+    return agent_config(tmp_path, topic, kafka=f'{{bootstrap_servers: "{bootstrap}"}}',
+                        detectors="  query_rate: {window_s: 60, max_queries: 500}")
 
 
 def run_agent(cfg: Path, idle_s: float = 4.0) -> subprocess.CompletedProcess[str]:

@@ -24,6 +24,7 @@ import pytest
 from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 
+from tests.conftest import agent_config
 from tests.kafka_security import SecureBroker, make_test_ca, secure_broker
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # each refused login waits ~30 s for bootstrap
@@ -51,25 +52,7 @@ def tls_kwargs(b: SecureBroker) -> dict:
 
 
 def write_config(tmp_path: Path, topic: str, kafka_yaml: str) -> Path:
-    cfg = tmp_path / "agent.yaml"
-    cfg.write_text(f"""
-kafka: {kafka_yaml}
-source:
-  topics: {{inference: [{topic}.inference], feedback: [{topic}.feedback]}}
-  group_id: {topic}-group
-  session_timeout_ms: 6000
-  heartbeat_interval_ms: 1000
-  max_poll_interval_ms: 3000
-deadletter: {{topic: {topic}.dead}}
-artifacts: {tmp_path}/artifacts
-state: {{dir: {tmp_path}/state}}
-detectors:
-  query_rate: {{window_s: 60, max_queries: 100}}
-sinks:
-  - type: jsonl
-    path: {tmp_path}/out/findings.ocsf.jsonl
-""")
-    return cfg
+    return agent_config(tmp_path, topic, kafka=kafka_yaml, detectors="  query_rate: {window_s: 60, max_queries: 100}")
 
 
 def run_agent(cfg: Path, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -32,7 +32,7 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from agent.delivery import Spool
-from tests.conftest import create_topic
+from tests.conftest import agent_config, create_topic
 from tests.rsyslog import Rsyslog
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -110,33 +110,16 @@ def wait_until(condition, timeout_s: float, what: str) -> None:
 
 
 def write_config(tmp_path: Path, bootstrap: str, topic: str, syslog_address: str) -> Path:
-    cfg = tmp_path / "siem-e2e.yaml"
-    cfg.write_text(f"""
-kafka: {{bootstrap_servers: "{bootstrap}"}}
-source:
-  topics: {{inference: [{topic}.inference], feedback: [{topic}.feedback]}}
-  group_id: {topic}-group
-  session_timeout_ms: 6000
-  heartbeat_interval_ms: 1000
-  max_poll_interval_ms: 30000
-deadletter: {{topic: {topic}.dead}}
-artifacts: {tmp_path}/artifacts
-state: {{dir: {tmp_path}/state}}
-detectors:
-  query_rate: {{window_s: 60, max_queries: {QUERIES_PER_CLIENT - 1}}}
-sinks:
-  - {{type: jsonl, name: audit, path: {tmp_path}/out/findings.ocsf.jsonl}}
-  - {{type: syslog, name: siem, address: "{syslog_address}", protocol: tcp, format: cef,
-      framing: octet-counting, timeout_s: 2}}
-delivery:
-  retry_max_attempts: 2
-  retry_initial_backoff_s: 0.05
-  retry_max_backoff_s: 0.2
-  drain_max_backoff_s: 1.0
-  spool_max_bytes: 64MiB
-  shutdown_timeout_s: 30
-""")
-    return cfg
+    return agent_config(
+        tmp_path, topic, kafka=f'{{bootstrap_servers: "{bootstrap}"}}', max_poll_interval_ms=30000,
+        name="siem-e2e.yaml",
+        detectors=f"  query_rate: {{window_s: 60, max_queries: {QUERIES_PER_CLIENT - 1}}}",
+        sinks=(f"  - {{type: jsonl, name: audit, path: {tmp_path}/out/findings.ocsf.jsonl}}\n"
+               f'  - {{type: syslog, name: siem, address: "{syslog_address}", protocol: tcp, format: cef,\n'
+               "      framing: octet-counting, timeout_s: 2}"),
+        extra=("delivery:\n  retry_max_attempts: 2\n  retry_initial_backoff_s: 0.05\n  retry_max_backoff_s: 0.2\n"
+               "  drain_max_backoff_s: 1.0\n  spool_max_bytes: 64MiB\n  shutdown_timeout_s: 30\n"),
+    )
 
 
 def test_rsyslog_down_60s_loses_nothing_and_consumption_continues(broker: str, topic_name: str,
