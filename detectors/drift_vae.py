@@ -136,7 +136,7 @@ class DriftVAE(Detector):
                                          "fewer than this share of the distinct clients in a batch")
         max_clients: int = Field(100_000, ge=1, description="clients tracked for attribution (LRU)")
         client_max_share: float = Field(
-            0.05, gt=0, le=1, description="most of the recent traffic one client may make up in the drift tests")
+            0.1, gt=0, le=1, description="most of the recent traffic one client may make up in the drift tests")
         client_share_window: int = Field(500, ge=10, description="records over which a client's share is averaged")
 
     def __init__(self, options: DetectorOptions, context):
