@@ -140,9 +140,12 @@ class Pipeline:
         c.inference += len(decoded.inference) if decoded.inference else 0
         c.feedback += len(decoded.feedback) if decoded.feedback else 0
         c.dead_lettered += len(decoded.dead)
-        c.findings += len(findings)
+        self.tally(findings)
+
+    def tally(self, findings: list[Finding]) -> None:
+        self.counters.findings += len(findings)
         for f in findings:
-            c.by_family[f.family] = c.by_family.get(f.family, 0) + 1
+            self.counters.by_family[f.family] = self.counters.by_family.get(f.family, 0) + 1
 
     def run(self, until_idle_s: float | None = None) -> Counters:
         """Loop until ``stop()`` (SIGTERM/SIGINT), or until caught up and idle for ``until_idle_s``."""
@@ -170,9 +173,7 @@ class Pipeline:
         findings = [f for det in self.detectors if hasattr(det, "flush") for f in det.flush()]
         if findings:
             self.delivery.deliver(findings)
-            self.counters.findings += len(findings)
-            for f in findings:
-                self.counters.by_family[f.family] = self.counters.by_family.get(f.family, 0) + 1
+            self.tally(findings)
 
     def stop(self) -> None:
         self.stopping = True

@@ -8,17 +8,14 @@ findings that a power cut could lose.
 from __future__ import annotations
 
 import json
-import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 from agent.findings import Finding
 from agent.ocsf import to_ocsf
+from connectors._append import append_whole_lines
 from connectors.sink import ExportResult, Sink, SinkOptions
-
-log = logging.getLogger(__name__)
 
 
 class JsonlFileOptions(SinkOptions):
@@ -43,34 +40,8 @@ class JsonlFileSink(Sink):
         if not findings:
             return ExportResult.SUCCESS
         data = b"".join(json.dumps(to_ocsf(f), separators=(",", ":")).encode() + b"\n" for f in findings)
-        start = self._end()
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[self._fh.write(view):]
-            if self.options.fsync:
-                os.fsync(self._fh.fileno())
-        except OSError as error:
-            self._truncate(start)
-            log.warning("sink %s: cannot append to %s: %s", self.name, self.path, error)
-            return ExportResult.FAILURE
-        return ExportResult.SUCCESS
-
-    def _end(self) -> int | None:
-        """Current size of a regular file (None for a device such as /dev/stdout)."""
-        try:
-            return self._fh.seek(0, os.SEEK_END) if self.path.is_file() else None
-        except OSError:
-            return None
-
-    def _truncate(self, size: int | None) -> None:
-        """Cut a partly written batch off, so the retry appends whole lines only."""
-        if size is None:
-            return
-        try:
-            self._fh.truncate(size)
-        except OSError as error:
-            log.error("sink %s: %s may end in a partial line (truncate failed: %s)", self.name, self.path, error)
+        ok = append_whole_lines(self._fh, self.path, data, self.options.fsync, self.name)
+        return ExportResult.SUCCESS if ok else ExportResult.FAILURE
 
     def force_flush(self, timeout_s: float = 10.0) -> bool:
         return True  # unbuffered, and fsync'd per export when fsync is on

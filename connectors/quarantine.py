@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -36,6 +35,7 @@ from kafka.errors import KafkaError
 from pydantic import Field, model_validator
 
 from agent.findings import Finding
+from connectors._append import append_whole_lines
 from connectors.kafka_options import KafkaOptions
 from connectors.sink import ExportResult, Sink, SinkOptions
 
@@ -169,20 +169,7 @@ class QuarantineSink(Sink):
         if not fresh:
             return True
         data = b"".join(json.dumps(line, separators=(",", ":")).encode() + b"\n" for line in fresh)
-        start = self._fh.seek(0, os.SEEK_END) if self.options.path.is_file() else None
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[self._fh.write(view):]
-            if self.options.fsync:
-                os.fsync(self._fh.fileno())
-        except OSError as error:
-            if start is not None:
-                try:
-                    self._fh.truncate(start)
-                except OSError:
-                    log.error("sink %s: %s may end in a partial line", self.name, self.options.path)
-            log.warning("sink %s: cannot append to %s: %s", self.name, self.options.path, error)
+        if not append_whole_lines(self._fh, self.options.path, data, self.options.fsync, self.name):
             return False
         for key in keys:
             self._file_seen.add(key)
