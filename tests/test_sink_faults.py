@@ -247,6 +247,8 @@ def run_fault(make_target: Callable[[int], Target], fault: str, tmp_path: Path,
 CASES = [(k, f) for k in ("splunk_hec", "elastic", "webhook", "syslog") for f in ("slow", "garbage")]
 CASES += [("splunk_hec", "garbage_200"), ("elastic", "garbage_200")]
 # Measured, reported to the sinks' owners (see /tmp/readme_reliability.md); strict: fixing them flips these red.
+# Not strict: whether the garbage-answering peer's FIN reaches us before the next write is a race, so the
+# loss shows in most runs but not all (seen: one XPASS in five full runs).
 KNOWN_LOSS = {
     ("syslog", "garbage"): "TCP syslog (RFC 6587) has no acknowledgement: the sink writes into connections the "
                            "peer answers with garbage and closes, the kernel accepts the bytes, they are lost; "
@@ -262,7 +264,7 @@ def stack() -> Iterator[contextlib.ExitStack]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("kind", "fault"), [
-    pytest.param(k, f, id=f"{k}-{f}", marks=[pytest.mark.xfail(strict=True, reason=KNOWN_LOSS[(k, f)])]
+    pytest.param(k, f, id=f"{k}-{f}", marks=[pytest.mark.xfail(strict=False, reason=KNOWN_LOSS[(k, f)])]
                  if (k, f) in KNOWN_LOSS else []) for k, f in CASES])
 def test_sink_fault_spools_up_to_bound_then_delivers_everything(kind: str, fault: str, tmp_path: Path,
                                                                 stack: contextlib.ExitStack,
