@@ -61,7 +61,7 @@ def build_source(cfg: AgentConfig):
         cfg.kafka, src.topics.all(), src.group_id, auto_offset_reset=src.auto_offset_reset,
         max_poll_records=src.max_poll_records, poll_timeout_ms=src.poll_timeout_ms,
         session_timeout_ms=src.session_timeout_ms, heartbeat_interval_ms=src.heartbeat_interval_ms,
-        max_poll_interval_ms=src.max_poll_interval_ms,
+        max_poll_interval_ms=src.max_poll_interval_ms, metadata_max_age_ms=src.metadata_max_age_ms,
         fetch_max_bytes=max(64 << 20, src.max_record_bytes * 2),
     )
 

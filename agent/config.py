@@ -59,6 +59,7 @@ class SourceOptions(_Strict):
     session_timeout_ms: int = Field(10_000, ge=1000)
     heartbeat_interval_ms: int = Field(3_000, ge=100)
     max_poll_interval_ms: int = Field(300_000, ge=1000)
+    metadata_max_age_ms: int = Field(30_000, ge=100, description="partitions added to a topic are read within this")
     max_record_bytes: int = Field(1_048_576, ge=64, description="bigger records are dead-lettered")
     # file source: JSONL files replayed as if they were the topics, one per stream
     inference_path: Path | None = None
@@ -85,7 +86,8 @@ class DeadLetterOptions(_Strict):
 
 class StateOptions(_Strict):
     dir: Path = Path("./inferwatch-state")
-    checkpoint_interval_s: float = Field(30.0, gt=0)
+    # offsets are committed together with each checkpoint: a crash replays at most this much of the stream
+    checkpoint_interval_s: float = Field(5.0, gt=0)
 
 
 class ModelOptions(_Strict):

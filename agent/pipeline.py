@@ -1,10 +1,13 @@
 """The data path: source -> decode -> detect -> alert -> sink -> commit.
 
-One batch at a time, at least once: offsets are committed only after every
-sink accepted (delivered or durably spooled) the batch's findings and the dead
-letters are flushed. If delivery fails, nothing is committed and the same
-findings are offered again after a back-off; the source is not polled meanwhile
-(back-pressure), so a dead SIEM can never make us skip records.
+One batch at a time, at least once: a batch's offsets become committable only
+after every sink accepted (delivered or durably spooled) its findings and the
+dead letters are flushed. If delivery fails, the same findings are offered
+again after a back-off and the source is not polled meanwhile (back-pressure),
+so a dead SIEM can never make us skip records. Committable offsets are
+committed together with a checkpoint of the detectors' state that reflects
+exactly them (every ``checkpoint_interval_s``, when partitions are revoked, and
+on exit), so a restart neither skips nor double-counts a record in a window.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -28,6 +31,8 @@ TP = tuple[str, int]
 class Source(Protocol):
     def poll(self) -> list[RawRecord]: ...
     def commit(self, next_offsets: dict[TP, int]) -> None: ...
+    def resume(self, checkpointed: dict[TP, int]) -> None: ...
+    def on_revoke(self, callback: Callable[[set[TP]], dict[TP, int]]) -> None: ...
     def lag(self) -> dict[TP, int]: ...
     def assignment(self) -> set[TP]: ...
     def close(self) -> None: ...
@@ -59,6 +64,11 @@ class Pipeline:
         self._lag_at = 0.0
         self._expired_at = time.monotonic()
         self._read_up_to: dict[TP, int] = {}
+        self._accepted: dict[TP, int] = {}    # next offsets whose findings every sink accepted
+        self._committed: dict[TP, int] = {}
+        self._in_flight = False               # detectors saw a batch whose findings are not yet accepted
+        source.resume(checkpoint.offsets)     # skip what the restored state has already seen
+        source.on_revoke(self.partitions_revoked)
 
     def step(self, final: bool = False) -> int:
         """Process one polled batch end to end; returns the number of records consumed.
@@ -69,6 +79,7 @@ class Pipeline:
         expired = self.expire_joins(math.inf if final else None)
         if not records and expired is None:
             return 0
+        self._in_flight = True
         with self.telemetry.batch(records) as scope:
             decoded = self.decoder.decode(records)                           # decode
             decoded = merge_decoded(decoded, expired) if expired else decoded
@@ -77,8 +88,8 @@ class Pipeline:
             findings = self.detect(decoded, scope)                           # detect
             self.deliver(findings)                                           # alert -> sinks
             self.deadletters.flush()
-            self.source.commit(self.next_offsets(records))                   # commit
-            self.checkpoint.maybe_save(self.detectors)
+            self._accepted, self._in_flight = self.next_offsets(records), False
+            self.commit()                                                    # checkpoint + commit
         self.count(records, decoded, findings)
         return len(records)
 
@@ -133,6 +144,27 @@ class Pipeline:
         waiting = pending() if pending else {}
         return {tp: min(end, waiting.get(tp, end)) for tp, end in self._read_up_to.items()}
 
+    def commit(self, force: bool = False) -> None:
+        """Checkpoint detector state with the accepted offsets, then commit them (when due, or ``force``)."""
+        if self._accepted == self._committed or not (force or self.checkpoint.due()):
+            return
+        offsets = dict(self._accepted)
+        self.checkpoint.save(self.detectors, offsets)
+        self.source.commit(offsets)
+        self._committed = offsets
+
+    def partitions_revoked(self, revoked: set[TP]) -> dict[TP, int]:
+        """Called inside ``poll()`` before a rebalance, when everything read so far was processed and accepted:
+        checkpoint, and return the offsets the source must commit now (else the next owners would replay them)."""
+        offsets = dict(self._accepted)
+        if offsets != self._committed:
+            self.checkpoint.save(self.detectors, offsets)
+            self._committed = offsets
+        for tp in revoked:
+            for held in (self._read_up_to, self._accepted, self._committed):
+                held.pop(tp, None)
+        return offsets
+
     def count(self, records: list[RawRecord], decoded: DecodedBatch, findings: list[Finding]) -> None:
         c = self.counters
         c.batches += 1
@@ -159,6 +191,8 @@ class Pipeline:
                 elif until_idle_s is not None and time.monotonic() - idle_since >= until_idle_s:
                     self.step(final=True)
                     break
+                else:
+                    self.commit()  # an idle stream still gets its last batches committed within the interval
         finally:
             self.close()
         return self.counters
@@ -172,18 +206,22 @@ class Pipeline:
         """Findings detectors hold in open windows (poisoning) are raised and delivered before we exit."""
         findings = [f for det in self.detectors if hasattr(det, "flush") for f in det.flush()]
         if findings:
-            self.delivery.deliver(findings)
+            if not self.delivery.deliver(findings):
+                self._in_flight = True  # not accepted: restart from the checkpoint that still holds the windows
             self.tally(findings)
 
     def stop(self) -> None:
         self.stopping = True
 
     def close(self) -> None:
-        """Flush sinks, checkpoint detector state, close clients (on every exit path)."""
+        """Flush sinks, checkpoint detector state and commit what was accepted, close clients (every exit path)."""
         try:
             self.flush_detectors()
             self.delivery.flush(10.0)
-            self.checkpoint.save(self.detectors)
+            if self._in_flight:  # state has seen records whose findings no sink took: keep the last checkpoint
+                log.warning("exiting with a batch in flight: its records are replayed from the last checkpoint")
+            else:
+                self.commit(force=True)
         finally:
             for closer in (self.delivery.shutdown, self.deadletters.close, self.source.close,
                            self.telemetry.shutdown):

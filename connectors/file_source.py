@@ -65,6 +65,15 @@ class FileSource:
                 fh.readline()
             self._position[topic] = off
 
+    def resume(self, checkpointed: Mapping[TP, int]) -> None:
+        """Skip lines a detector checkpoint already reflects but whose commit did not happen (crash between)."""
+        ahead = {(t, p): o for (t, p), o in checkpointed.items() if t in self._handles and o > self._position[t]}
+        if ahead:
+            self.seek(ahead)
+
+    def on_revoke(self, callback: object) -> None:
+        """Files are never revoked: one reader owns them."""
+
     def assignment(self) -> set[TP]:
         return {(t, 0) for t in self.files}
 

@@ -150,4 +150,4 @@ def test_valid_broken_lag_ocsf_and_restart(broker: str, topic_name: str, tmp_pat
     assert consumed(second.stderr) == 100
     final = committed(broker, f"{topic}-group", f"{topic}.inference", 4)
     assert final == {p: max(ends.get(p, 0), ends2.get(p, 0)) for p in range(4)}
-    assert (tmp_path / "state/query_rate.state.npz").is_file()  # detector state was checkpointed at exit
+    assert (tmp_path / "state/checkpoint.npz").is_file()  # detector state was checkpointed at exit
