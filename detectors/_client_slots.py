@@ -43,21 +43,22 @@ class ClientSlots:
         current call are never evicted by each other unless the batch alone has
         more distinct clients than ``max_clients``.
         """
-        slots = np.empty(len(clients), dtype=np.int64)
         fresh: list[int] = []
-        cache: dict[str, int] = {}
-        for i, client in enumerate(clients):
-            slot = cache.get(client)
+        slot_of = self._slot_of
+        batch: dict[str, int] = {}
+        # the LRU table is touched once per distinct client, in order of first appearance (the same
+        # sequence of lookups, insertions and evictions as row by row); rows then map through a
+        # plain dict at C speed. Four detectors call this for every batch, so it is on the hot path.
+        for client in dict.fromkeys(clients):
+            slot = slot_of.get(client)
             if slot is None:
-                slot = self._slot_of.get(client)
-                if slot is None:
-                    slot = self._take_slot()
-                    fresh.append(slot)
-                    self._slot_of[client] = slot
-                else:
-                    self._slot_of.move_to_end(client)
-                cache[client] = slot
-            slots[i] = slot
+                slot = self._take_slot()
+                fresh.append(slot)
+                slot_of[client] = slot
+            else:
+                slot_of.move_to_end(client)
+            batch[client] = slot
+        slots = np.fromiter(map(batch.__getitem__, clients), dtype=np.int64, count=len(clients))
         return slots, fresh
 
     def _take_slot(self) -> int:

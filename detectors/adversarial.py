@@ -392,11 +392,7 @@ class AdversarialDetector(Detector):
         raw_flagged = p <= self.opts.fpr
         self._counters["records"] += n
         self._counters["flagged"] += int(raw_flagged.sum())
-        # slots per distinct client, then per row by index: the LRU table is touched once per client
-        codes: dict[str, int] = {}
-        row_code = np.fromiter((codes.setdefault(c, len(codes)) for c in batch.clients), np.int64, n)
-        client_slots, fresh = self.slots.assign(list(codes))
-        slots = client_slots[row_code]
+        slots, fresh = self.slots.assign(batch.clients)  # touches the LRU table once per distinct client
         self._ensure_capacity(fresh)
         # rows grouped by client, in arrival order inside each group
         order = np.argsort(slots, kind="stable")

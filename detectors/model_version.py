@@ -154,8 +154,12 @@ class ModelVersionDetector(Detector):
     # ------------------------------------------------------------------ update
     def _cells(self, X: np.ndarray) -> list[int]:
         step = self.step if self.step is not None else np.full(X.shape[1], 0.1 * self.opt.dup_grid)
-        q = np.round(X / step).astype(np.int32)
-        return [int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "little") for row in q]
+        q = np.ascontiguousarray(np.round(X / step).astype(np.int32))
+        # the same bytes per row as row.tobytes(), sliced from one buffer: no numpy view per row
+        buf, width = memoryview(q.tobytes()), q.shape[1] * q.itemsize
+        blake2b, from_bytes = hashlib.blake2b, int.from_bytes
+        return [from_bytes(blake2b(buf[i * width : (i + 1) * width], digest_size=8).digest(), "little")
+                for i in range(len(q))]
 
     def _model_state(self, model: str) -> dict[str, Any]:
         state = self.models.get(model)
@@ -221,23 +225,26 @@ class ModelVersionDetector(Detector):
         # near-duplicates: this version's answers against its partner's remembered answers for the same cell
         comp = state["comparisons"].get(version)
         partner_of_new = [(nv, cp) for nv, cp in state["comparisons"].items() if cp["previous"] == version]
+        labs = labels.tolist()  # Python ints: this loop runs per record
+        keys = st.keys
         for i in rows:
-            if labels[i] < 0:
+            label = labs[i]
+            if label < 0:
                 continue
             h = cells[i]
             if comp is not None and comp["previous"] in versions:
                 other = versions[comp["previous"]].keys.get(h)
                 if other is not None:
-                    self._pair(comp, other != labels[i], batch.ids[i])
+                    self._pair(comp, other != label, batch.ids[i])
             for nv, cp in partner_of_new:
                 if nv in versions:
                     other = versions[nv].keys.get(h)
                     if other is not None:
-                        self._pair(cp, other != labels[i], None)
-            st.keys[h] = int(labels[i])
-            st.keys.move_to_end(h)
-            if len(st.keys) > o.max_keys:
-                st.keys.popitem(last=False)
+                        self._pair(cp, other != label, None)
+            keys[h] = label
+            keys.move_to_end(h)
+            if len(keys) > o.max_keys:
+                keys.popitem(last=False)
         findings = []
         for new_version, cp in list(state["comparisons"].items()):
             if cp["raised"] or new_version not in versions:
