@@ -1,3 +1,4 @@
 from agent.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # multiprocessing's spawn imports this module in the reader process
+    raise SystemExit(main())

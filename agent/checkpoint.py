@@ -16,13 +16,23 @@ checkpoint (every ``checkpoint_interval_s``, on revocation and on exit):
 One file, written atomically (temp file, fsync, rename), pickle-free
 (:mod:`agent.state`): a crash leaves the previous checkpoint, never half a new
 one, and never state from one moment with offsets from another.
+
+The periodic checkpoint is written in the background: the state is copied
+between two batches (milliseconds), the file written and fsync'd by a thread
+(tens to hundreds of milliseconds for megabytes of per-client state) while
+the next batches are processed, and its offsets committed once it is on disk.
+Revocation and exit write synchronously.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from agent.state import load_tree, save_tree
 from detectors.base import Detector
@@ -39,6 +49,9 @@ class Checkpointer:
         self._last = time.monotonic()
         self.saves = 0
         self.offsets: dict[TP, int] = {}  # of the last checkpoint restored or saved
+        self._writer: threading.Thread | None = None
+        self._written: dict[TP, int] | None = None  # offsets of a background write that finished
+        self._error: BaseException | None = None
 
     @property
     def path(self) -> Path:
@@ -64,12 +77,67 @@ class Checkpointer:
     def due(self) -> bool:
         return time.monotonic() - self._last >= self.interval_s
 
+    @property
+    def writing(self) -> bool:
+        return self._writer is not None and self._writer.is_alive()
+
     def save(self, detectors: list[Detector], offsets: dict[TP, int]) -> None:
         """Write every detector's state with ``offsets`` (next offset per partition that the state reflects)."""
+        self.wait()
+        self._written = None  # superseded; after a revocation it may name partitions that are no longer ours
+        self._write(self._snapshot(detectors, offsets))
+
+    def save_in_background(self, detectors: list[Detector], offsets: dict[TP, int]) -> None:
+        """Copy the state now, write it in a thread; :meth:`written` hands back ``offsets`` once on disk."""
+        self.wait()
+        snapshot = self._snapshot(detectors, offsets)
+        self._writer = threading.Thread(target=self._write_quietly, args=(snapshot,), name="checkpoint", daemon=True)
+        self._writer.start()
+
+    def written(self) -> dict[TP, int] | None:
+        """Offsets of a background checkpoint that reached the disk since the last call (then commit them)."""
+        if self.writing:
+            return None
+        self.wait()
+        done, self._written = self._written, None
+        return done
+
+    def wait(self) -> None:
+        """Let a background write finish; re-raise its error (a full disk must not go unnoticed)."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _snapshot(self, detectors: list[Detector], offsets: dict[TP, int]) -> tuple[dict[str, Any], dict, dict]:
         merged = {**self.offsets, **offsets}  # partitions not read since the last save keep their offset
         tree = {"offsets": [[t, p, o] for (t, p), o in sorted(merged.items())],
-                "detectors": {det.name: det.state_dict() for det in detectors}}
+                "detectors": {det.name: _copy(det.state_dict()) for det in detectors}}
+        self._last = time.monotonic()
+        return tree, merged, dict(offsets)
+
+    def _write(self, snapshot: tuple[dict[str, Any], dict, dict]) -> None:
+        tree, merged, _ = snapshot
         save_tree(self.path, tree)
         self.offsets = merged
-        self._last = time.monotonic()
         self.saves += 1
+
+    def _write_quietly(self, snapshot: tuple[dict[str, Any], dict, dict]) -> None:
+        try:
+            self._write(snapshot)
+            self._written = snapshot[2]  # only the partitions the pipeline holds: never commit for another owner
+        except BaseException as exc:  # noqa: BLE001 - handed to the pipeline by wait()
+            self._error = exc
+
+
+def _copy(tree: Any) -> Any:
+    """A copy the detectors cannot change while a thread writes it (their arrays are updated in place)."""
+    if isinstance(tree, np.ndarray):
+        return tree.copy()
+    if isinstance(tree, dict):
+        return {k: _copy(v) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return [_copy(v) for v in tree]
+    return tree

@@ -145,17 +145,27 @@ class Pipeline:
         return {tp: min(end, waiting.get(tp, end)) for tp, end in self._read_up_to.items()}
 
     def commit(self, force: bool = False) -> None:
-        """Checkpoint detector state with the accepted offsets, then commit them (when due, or ``force``)."""
-        if self._accepted == self._committed or not (force or self.checkpoint.due()):
+        """Checkpoint detector state with the accepted offsets, then commit them: when due (the checkpoint is
+        written in the background and its offsets committed once on disk), or now with ``force``."""
+        written = self.checkpoint.written()
+        if written is not None:
+            self.source.commit(written)
+            self._committed = written
+        if self._accepted == self._committed:
             return
-        offsets = dict(self._accepted)
-        self.checkpoint.save(self.detectors, offsets)
-        self.source.commit(offsets)
-        self._committed = offsets
+        if force:
+            offsets = dict(self._accepted)
+            self.checkpoint.save(self.detectors, offsets)
+            self.source.commit(offsets)
+            self._committed = offsets
+        elif self.checkpoint.due() and not self.checkpoint.writing:
+            self.checkpoint.save_in_background(self.detectors, dict(self._accepted))
 
     def partitions_revoked(self, revoked: set[TP]) -> dict[TP, int]:
         """Called inside ``poll()`` before a rebalance, when everything read so far was processed and accepted:
         checkpoint, and return the offsets the source must commit now (else the next owners would replay them)."""
+        if self._in_flight:  # only on an exit path: state is ahead of the accepted offsets, keep the old checkpoint
+            return {}
         offsets = dict(self._accepted)
         if offsets != self._committed:
             self.checkpoint.save(self.detectors, offsets)

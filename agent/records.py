@@ -152,7 +152,19 @@ def concat_inference(a: InferenceBatch | None, b: InferenceBatch | None) -> Infe
                           labels=np.concatenate([a.labels, b.labels]), traceparents=tp)
 
 
+def concat_feedback(a: FeedbackBatch | None, b: FeedbackBatch | None) -> FeedbackBatch | None:
+    """Rows of ``a`` then ``b``."""
+    if a is None or len(a) == 0:
+        return b
+    if b is None or len(b) == 0:
+        return a
+    tp = (a.traceparents or (None,) * len(a)) + (b.traceparents or (None,) * len(b))
+    return FeedbackBatch(ids=a.ids + b.ids, ts=np.concatenate([a.ts, b.ts]), models=a.models + b.models,
+                         sources=a.sources + b.sources, X=np.concatenate([a.X, b.X]),
+                         labels=np.concatenate([a.labels, b.labels]), traceparents=tp)
+
+
 def merge_decoded(a: DecodedBatch, b: DecodedBatch) -> DecodedBatch:
-    """One batch from two: inference rows joined, feedback from either, dead letters from both."""
+    """One batch from two, in order: rows of ``a`` then ``b``, dead letters from both."""
     return DecodedBatch(inference=concat_inference(a.inference, b.inference),
-                        feedback=a.feedback if a.feedback is not None else b.feedback, dead=a.dead + b.dead)
+                        feedback=concat_feedback(a.feedback, b.feedback), dead=a.dead + b.dead)

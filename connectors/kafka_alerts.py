@@ -41,7 +41,10 @@ class KafkaAlertOptions(SinkOptions):
     topic: str = Field("inferwatch.findings", min_length=1, max_length=249, pattern=r"^[A-Za-z0-9._-]+$")
     key_by: Literal["actor", "model", "none"] = "actor"
     acks: Literal["all", 1, 0] = "all"
-    enable_idempotence: bool = True
+    # off by default: findings carry a uid to drop duplicates by, while a broker that answers a retried batch
+    # DUPLICATE_SEQUENCE_NUMBER without having stored it (Tansu 0.6 on S3 after a kill, see connectors/deadletter.py)
+    # loses it silently with idempotence on
+    enable_idempotence: bool = False
     compression_type: Literal["gzip", "snappy", "lz4", "zstd"] | None = None
     linger_ms: int = Field(5, ge=0)
     delivery_timeout_s: float = Field(30.0, gt=0, description="how long one export waits for the acks")

@@ -183,7 +183,7 @@ class QuarantineSink(Sink):
         kw["client_id"] = f"{o.kafka.client_id}-quarantine"
         delivery_ms = int(o.delivery_timeout_s * 1000)
         kw["request_timeout_ms"] = min(kw["request_timeout_ms"], delivery_ms)
-        return KafkaProducer(acks=-1 if o.acks == "all" else o.acks, enable_idempotence=o.acks == "all",
+        return KafkaProducer(acks=-1 if o.acks == "all" else o.acks, enable_idempotence=False,  # see deadletter.py
                              linger_ms=5, delivery_timeout_ms=delivery_ms + 5, max_block_ms=int(o.max_block_s * 1000),
                              bootstrap_timeout_ms=int(o.max_block_s * 1000), **kw)
 

