@@ -90,4 +90,5 @@ def build_pipeline(cfg: AgentConfig) -> Pipeline:
     # Gauges read cached values: kafka-python clients must not be touched from the metrics thread.
     telemetry.observe_lag(lambda: dict(pipeline.last_lag))
     telemetry.observe_sink_queue(delivery.queue_depths)
+    telemetry.observe_sink_stats(lambda: delivery.stats()["sinks"])
     return pipeline

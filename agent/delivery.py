@@ -900,7 +900,8 @@ class _Lane:
             "dropped": c.dropped, "dropped_by_severity": dict(c.dropped_by_severity), "blocked": c.blocked,
             "rate_limited": c.rate_limited, "deduplicated": self.aggregator.deduplicated,
             "aggregates": self.aggregator.aggregates, "spool_records": self.spool.records,
-            "spool_bytes": self.spool.disk_bytes, "spool_corrupt_records": self.spool.corrupt_records,
+            "spool_bytes": self.spool.disk_bytes, "spool_max_bytes": int(self.options.spool_max_bytes),
+            "spool_corrupt_records": self.spool.corrupt_records,
             "down": self.down, "disabled": self.disabled_reason,
             "sink": dict(getattr(self.sink, "counters", {})),  # the sink's own (e.g. HEC rejected events)
         }

@@ -384,6 +384,7 @@ class Telemetry:
         self._injected: list[Any] = []
         self._lag_callbacks: list[Callable[[], dict[tuple[str, int], int]]] = []
         self._queue_callbacks: list[Callable[[], dict[str, int]]] = []
+        self._sink_stats_callbacks: list[Callable[[], dict[str, dict[str, Any]]]] = []
         self._propagator = TraceContextTextMapPropagator()
         self._shut_down = False
 
@@ -474,6 +475,20 @@ class Telemetry:
         meter.create_observable_gauge(
             "inferwatch.sink.queue.depth", callbacks=[self._observe_queues], unit="{finding}",
             description="Findings waiting in a sink's queue or spool.")
+        # A full spool must never be silent: its fill level, its bound, and what the full-spool policy did.
+        meter.create_observable_gauge(
+            "inferwatch.sink.spool.usage", callbacks=[self._spool_reader("spool_bytes")], unit="By",
+            description="Bytes in a sink's on-disk spool.")
+        meter.create_observable_gauge(
+            "inferwatch.sink.spool.limit", callbacks=[self._spool_reader("spool_max_bytes")], unit="By",
+            description="The bound of a sink's spool (delivery.spool_max_bytes); usage = limit means full.")
+        meter.create_observable_counter(
+            "inferwatch.sink.findings.dropped", callbacks=[self._spool_reader("dropped")], unit="{finding}",
+            description="Findings dropped because the spool was full (spool_full_policy: drop_lowest_severity).")
+        meter.create_observable_counter(
+            "inferwatch.sink.spool.refused", callbacks=[self._spool_reader("blocked")], unit="{call}",
+            description="Deliveries refused because the spool was full (spool_full_policy: block; "
+                        "consumption pauses).")
 
     # -- the pipeline's interface ----------------------------------------------------------
 
@@ -585,6 +600,11 @@ class Telemetry:
         """Feed the sink-queue gauge: ``callback()`` returns queued/spooled findings per sink name."""
         self._queue_callbacks.append(callback)
 
+    def observe_sink_stats(self, callback: Callable[[], dict[str, dict[str, Any]]]) -> None:
+        """Feed the spool gauges and counters: ``callback()`` returns per sink name its delivery stats
+        (``spool_bytes``, ``spool_max_bytes``, ``dropped``, ``blocked``)."""
+        self._sink_stats_callbacks.append(callback)
+
     def delivery_failure(self, sink: str, n: int = 1) -> None:
         """``n`` failed deliveries to ``sink``."""
         if n > 0:
@@ -638,6 +658,13 @@ class Telemetry:
         return [Observation(depth, {"inferwatch.sink.name": sink})
                 for callback in self._queue_callbacks
                 for sink, depth in self._call("sink queue", callback).items()]
+
+    def _spool_reader(self, key: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def observe(_options: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(int(stats[key]), {"inferwatch.sink.name": sink})
+                    for callback in self._sink_stats_callbacks
+                    for sink, stats in self._call("sink stats", callback).items() if key in stats]
+        return observe
 
     @staticmethod
     def _call(what: str, callback: Callable[[], dict[Any, int]]) -> dict[Any, int]:

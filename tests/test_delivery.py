@@ -379,3 +379,33 @@ def test_failed_exports_are_reported_to_the_metrics_callback(tmp_path) -> None:
         assert calls[:2] == [("full", 1), ("full", 1)]
     finally:
         d.shutdown()
+
+
+@pytest.mark.parametrize("policy", ["block", "drop_lowest_severity"])
+def test_a_full_spool_shows_in_the_metrics(receiver: Receiver, tmp_path: Path, policy: str) -> None:
+    """Issue 6: a spool that fills is never silent: usage reaches the limit, and what the policy did is counted."""
+    from tests.test_telemetry import Memory
+
+    receiver.outage_status = 503
+    opts = DeliveryOptions(**{**FAST, "spool_max_bytes": 4096, "spool_segment_bytes": 1024,
+                              "spool_full_policy": policy})
+    d = Delivery([webhook(receiver)], opts, tmp_path)
+    memory = Memory()
+    memory.telemetry.observe_sink_stats(lambda: d.stats()["sinks"])
+    try:
+        hook = {"inferwatch.sink.name": "hook"}
+        assert memory.value("inferwatch.sink.spool.usage", **hook) == 0
+        assert memory.value("inferwatch.sink.spool.limit", **hook) == 4096
+        for i in range(60):
+            d.deliver([finding(i, Severity.LOW)])
+        usage = memory.value("inferwatch.sink.spool.usage", **hook)
+        assert 4096 - 1024 < usage <= 4096  # full, within one segment of the bound
+        stats = d.stats()["sinks"]["hook"]
+        if policy == "block":
+            assert memory.value("inferwatch.sink.spool.refused", **hook) == stats["blocked"] > 0
+        else:
+            assert memory.value("inferwatch.sink.findings.dropped", **hook) == stats["dropped"] > 0
+    finally:
+        d.shutdown()
+        memory.telemetry.shutdown()
+        memory.meter_provider.shutdown()
