@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,13 @@ from detectors.base import Detector
 log = logging.getLogger(__name__)
 TP = tuple[str, int]
 FILE = "checkpoint.npz"
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    tree: dict[str, Any]       # what goes to disk: every detector's state and ``merged``
+    merged: dict[TP, int]      # offsets of every partition the file covers (earlier saves included)
+    offsets: dict[TP, int]     # this save's offsets: the partitions the pipeline holds now
 
 
 class Checkpointer:
@@ -111,23 +119,22 @@ class Checkpointer:
             error, self._error = self._error, None
             raise error
 
-    def _snapshot(self, detectors: list[Detector], offsets: dict[TP, int]) -> tuple[dict[str, Any], dict, dict]:
+    def _snapshot(self, detectors: list[Detector], offsets: dict[TP, int]) -> _Snapshot:
         merged = {**self.offsets, **offsets}  # partitions not read since the last save keep their offset
         tree = {"offsets": [[t, p, o] for (t, p), o in sorted(merged.items())],
                 "detectors": {det.name: _copy(det.state_dict()) for det in detectors}}
         self._last = time.monotonic()
-        return tree, merged, dict(offsets)
+        return _Snapshot(tree, merged, dict(offsets))
 
-    def _write(self, snapshot: tuple[dict[str, Any], dict, dict]) -> None:
-        tree, merged, _ = snapshot
-        save_tree(self.path, tree)
-        self.offsets = merged
+    def _write(self, snapshot: _Snapshot) -> None:
+        save_tree(self.path, snapshot.tree)
+        self.offsets = snapshot.merged
         self.saves += 1
 
-    def _write_quietly(self, snapshot: tuple[dict[str, Any], dict, dict]) -> None:
+    def _write_quietly(self, snapshot: _Snapshot) -> None:
         try:
             self._write(snapshot)
-            self._written = snapshot[2]  # only the partitions the pipeline holds: never commit for another owner
+            self._written = snapshot.offsets  # only the partitions the pipeline holds: never commit for another owner
         except BaseException as exc:  # noqa: BLE001 - handed to the pipeline by wait()
             self._error = exc
 

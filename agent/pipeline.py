@@ -154,22 +154,24 @@ class Pipeline:
         if self._accepted == self._committed:
             return
         if force:
-            offsets = dict(self._accepted)
-            self.checkpoint.save(self.detectors, offsets)
-            self.source.commit(offsets)
-            self._committed = offsets
+            self.source.commit(self.checkpoint_now())
         elif self.checkpoint.due() and not self.checkpoint.writing:
             self.checkpoint.save_in_background(self.detectors, dict(self._accepted))
 
-    def partitions_revoked(self, revoked: set[TP]) -> dict[TP, int]:
-        """Called inside ``poll()`` before a rebalance, when everything read so far was processed and accepted:
-        checkpoint, and return the offsets the source must commit now (else the next owners would replay them)."""
-        if self._in_flight:  # only on an exit path: state is ahead of the accepted offsets, keep the old checkpoint
-            return {}
+    def checkpoint_now(self) -> dict[TP, int]:
+        """Write the checkpoint of the accepted offsets (unless they are committed already) and return them,
+        for the caller to commit."""
         offsets = dict(self._accepted)
         if offsets != self._committed:
             self.checkpoint.save(self.detectors, offsets)
             self._committed = offsets
+        return offsets
+
+    def partitions_revoked(self, revoked: set[TP]) -> dict[TP, int]:
+        """Called inside ``poll()`` before a rebalance, when everything read so far was processed and accepted
+        (the source stops calling it once closed): checkpoint, and return the offsets the source must commit
+        now (else the next owners would replay them)."""
+        offsets = self.checkpoint_now()
         for tp in revoked:
             for held in (self._read_up_to, self._accepted, self._committed):
                 held.pop(tp, None)

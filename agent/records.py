@@ -139,17 +139,20 @@ def _concat_probs(a: InferenceBatch, b: InferenceBatch) -> np.ndarray | None:
     return np.concatenate([pa, pb]) if pa.shape[1] == pb.shape[1] else None
 
 
+def _concat_traceparents(a: InferenceBatch | FeedbackBatch, b: InferenceBatch | FeedbackBatch) -> tuple:
+    return (a.traceparents or (None,) * len(a)) + (b.traceparents or (None,) * len(b))
+
+
 def concat_inference(a: InferenceBatch | None, b: InferenceBatch | None) -> InferenceBatch | None:
     """Rows of ``a`` then ``b`` (used to add KServe halves released by a join timeout)."""
     if a is None or len(a) == 0:
         return b
     if b is None or len(b) == 0:
         return a
-    tp = (a.traceparents or (None,) * len(a)) + (b.traceparents or (None,) * len(b))
     return InferenceBatch(ids=a.ids + b.ids, ts=np.concatenate([a.ts, b.ts]), models=a.models + b.models,
                           model_versions=a.model_versions + b.model_versions, clients=a.clients + b.clients,
                           X=np.concatenate([a.X, b.X]), probs=_concat_probs(a, b),
-                          labels=np.concatenate([a.labels, b.labels]), traceparents=tp)
+                          labels=np.concatenate([a.labels, b.labels]), traceparents=_concat_traceparents(a, b))
 
 
 def concat_feedback(a: FeedbackBatch | None, b: FeedbackBatch | None) -> FeedbackBatch | None:
@@ -158,10 +161,9 @@ def concat_feedback(a: FeedbackBatch | None, b: FeedbackBatch | None) -> Feedbac
         return b
     if b is None or len(b) == 0:
         return a
-    tp = (a.traceparents or (None,) * len(a)) + (b.traceparents or (None,) * len(b))
     return FeedbackBatch(ids=a.ids + b.ids, ts=np.concatenate([a.ts, b.ts]), models=a.models + b.models,
                          sources=a.sources + b.sources, X=np.concatenate([a.X, b.X]),
-                         labels=np.concatenate([a.labels, b.labels]), traceparents=tp)
+                         labels=np.concatenate([a.labels, b.labels]), traceparents=_concat_traceparents(a, b))
 
 
 def merge_decoded(a: DecodedBatch, b: DecodedBatch) -> DecodedBatch:

@@ -51,7 +51,6 @@ class KafkaSource:
         self.poll_timeout_ms = poll_timeout_ms
         self.max_poll_records = max_poll_records
         self._resume: dict[TP, int] = {}
-        self._closed = False
         self._on_revoke: Callable[[set[TP]], dict[TP, int]] = lambda revoked: {}
         self._consumer = KafkaConsumer(
             group_id=group_id,
@@ -149,9 +148,6 @@ class KafkaSource:
 
     def close(self) -> None:
         """Leave the group without committing: the pipeline committed what it processed before closing us."""
-        if self._closed:
-            return
-        self._closed = True
         self._on_revoke = lambda revoked: {}  # kafka-python revokes everything on close
         self._consumer.close(autocommit=False)
 

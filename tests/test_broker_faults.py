@@ -33,6 +33,7 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from agent.broker import EmbeddedBroker
+from tests import test_crash_restart as crash_restart
 from tests.conftest import create_topic
 from tests.s3_server import S3Server, s3_server  # noqa: F401 - s3_server is a fixture
 from tests.test_agent_kafka import committed
@@ -42,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PARTITIONS = 4
 BURST_SLOTS = 3000          # a burst client sends every other record of 3,000: 1,500 queries in 30 s of event time
 BROKEN_EVERY = 100          # 1 % of the records are not JSON
-MAX_POLL_RECORDS = 500
+MAX_POLL_RECORDS = 500  # as in test_crash_restart.write_config
 
 
 # ----------------------------------------------------------------------------------------------------- records
@@ -132,27 +133,9 @@ def dead_letters(bootstrap: str, topic: str, quiet_s: float = 3.0) -> Counter[by
 
 def write_config(path: Path, bootstrap: str, topic: str, group: str, *, checkpoint_interval_s: float = 0.2,
                  max_poll_interval_ms: int = 10_000) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    cfg = path / "agent.yaml"
-    cfg.write_text(f"""
-kafka: {{bootstrap_servers: "{bootstrap}"}}
-source:
-  topics: {{inference: [{topic}], feedback: [{topic}.fb]}}
-  group_id: {group}
-  max_poll_records: {MAX_POLL_RECORDS}
-  session_timeout_ms: 6000
-  heartbeat_interval_ms: 1000
-  max_poll_interval_ms: {max_poll_interval_ms}
-deadletter: {{topic: {topic}.dead}}
-artifacts: {path}/artifacts
-state: {{dir: {path}/state, checkpoint_interval_s: {checkpoint_interval_s}}}
-detectors:
-  query_rate: {{window_s: 60, max_queries: 500}}
-sinks:
-  - type: jsonl
-    path: {path}/findings.jsonl
-""")
-    return cfg
+    """The crash test's agent (``max_poll_records`` = MAX_POLL_RECORDS, query_rate, JSONL sink)."""
+    return crash_restart.write_config(path, bootstrap, topic, group, checkpoint_interval_s=checkpoint_interval_s,
+                                      max_poll_interval_ms=max_poll_interval_ms)
 
 
 class Agent:

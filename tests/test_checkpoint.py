@@ -78,6 +78,20 @@ sinks:
     return cfg
 
 
+def die_on_call(obj: object, method: str, nth: int) -> None:
+    """Make the ``nth`` call of ``obj.method`` raise :class:`Killed` instead of running."""
+    real, calls = getattr(obj, method), 0
+
+    def dying(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == nth:
+            raise Killed
+        return real(*args)
+
+    setattr(obj, method, dying)
+
+
 def drive(pipeline: Pipeline) -> None:
     """The run loop without its clean exit, so a Killed leaves everything as a crash would."""
     idle = 0
@@ -134,17 +148,7 @@ def test_kill_between_checkpoint_and_commit_restores_exact_state(tmp_path: Path,
 
     cfg = config(tmp_path, source, "crashed")
     pipeline = build_pipeline(load_config(cfg))
-    commits = 0
-    real_commit = pipeline.source.commit
-
-    def commit_then_die(offsets: dict) -> None:
-        nonlocal commits
-        commits += 1
-        if commits == 4:  # the checkpoint for these offsets is already on disk
-            raise Killed
-        real_commit(offsets)
-
-    pipeline.source.commit = commit_then_die
+    die_on_call(pipeline.source, "commit", 4)  # the checkpoint for these offsets is already on disk
     with pytest.raises(Killed):
         drive(pipeline)
     checkpointed, committed = pipeline.checkpoint.offsets, committed_position(cfg, pipeline)
@@ -167,17 +171,7 @@ def test_kill_while_checkpointing_replays_into_the_previous_state(tmp_path: Path
 
     cfg = config(tmp_path, source, "crashed")
     pipeline = build_pipeline(load_config(cfg))
-    saves = 0
-    real_write = pipeline.checkpoint._write
-
-    def die_while_writing(snapshot: tuple) -> None:
-        nonlocal saves
-        saves += 1
-        if saves == 5:  # the atomic write never completes: the previous checkpoint stays
-            raise Killed
-        real_write(snapshot)
-
-    pipeline.checkpoint._write = die_while_writing
+    die_on_call(pipeline.checkpoint, "_write", 5)  # the atomic write never completes: the previous one stays
     with pytest.raises(Killed):
         drive(pipeline)
     pipeline.source.close()

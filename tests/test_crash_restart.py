@@ -50,7 +50,8 @@ def records() -> list[bytes]:
     return out
 
 
-def write_config(path: Path, bootstrap: str, topic: str, group: str) -> Path:
+def write_config(path: Path, bootstrap: str, topic: str, group: str, *, checkpoint_interval_s: float = 0.05,
+                 max_poll_interval_ms: int = 10_000) -> Path:
     cfg = path / "agent.yaml"
     path.mkdir(parents=True, exist_ok=True)
     cfg.write_text(f"""
@@ -61,10 +62,10 @@ source:
   max_poll_records: 500
   session_timeout_ms: 6000
   heartbeat_interval_ms: 1000
-  max_poll_interval_ms: 10000
+  max_poll_interval_ms: {max_poll_interval_ms}
 deadletter: {{topic: {topic}.dead}}
 artifacts: {path}/artifacts
-state: {{dir: {path}/state, checkpoint_interval_s: 0.05}}
+state: {{dir: {path}/state, checkpoint_interval_s: {checkpoint_interval_s}}}
 detectors:
   query_rate: {{window_s: 60, max_queries: 500}}
 sinks:
