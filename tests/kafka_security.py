@@ -50,6 +50,20 @@ def make_test_ca(directory: Path, name: str = "inferwatch-test-ca") -> TestCA:
     return TestCA(directory / "ca.pem", directory / "server.pem", directory / "server.key")
 
 
+def pump(src: socket.socket, dst: socket.socket) -> None:
+    """Copy bytes from ``src`` to ``dst`` until either side closes, then close both (a TCP proxy's half)."""
+    try:
+        while chunk := src.recv(1 << 16):
+            dst.sendall(chunk)
+    except OSError:
+        pass
+    finally:
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+
 class TlsTerminator:
     """Accept TLS on a loopback port and relay the plaintext to ``127.0.0.1:upstream_port``.
 
@@ -97,21 +111,8 @@ class TlsTerminator:
             tls.close()
             return
         upstream.settimeout(None)
-        threading.Thread(target=self._pump, args=(upstream, tls), daemon=True).start()
-        self._pump(tls, upstream)
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while chunk := src.recv(1 << 16):
-                dst.sendall(chunk)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-                s.close()
+        threading.Thread(target=pump, args=(upstream, tls), daemon=True).start()
+        pump(tls, upstream)
 
     def stop(self) -> None:
         self._stopping.set()

@@ -36,6 +36,7 @@ from agent.delivery import Delivery, DeliveryOptions
 from agent.findings import Finding, Severity
 from connectors.sink import registry
 from tests.http_receiver import Receiver
+from tests.kafka_security import pump
 from tests.rsyslog import Rsyslog, rsyslogd_path
 from tests.test_sink_conformance import _EXTERNAL_ID, ELASTIC_KEY, HEC_TOKEN, WEBHOOK_HMAC
 
@@ -95,25 +96,12 @@ class FaultProxy:
             return
         conn.settimeout(None)
         upstream.settimeout(None)
-        threading.Thread(target=_pump, args=(upstream, conn), daemon=True).start()
-        _pump(conn, upstream)
+        threading.Thread(target=pump, args=(upstream, conn), daemon=True).start()
+        pump(conn, upstream)
 
     def close(self) -> None:
         self._stop.set()
         self._listener.close()
-
-
-def _pump(src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while chunk := src.recv(65536):
-            dst.sendall(chunk)
-    except OSError:
-        pass
-    finally:
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            s.close()
 
 
 @dataclass
