@@ -520,15 +520,22 @@ class ExtractionDetector(Detector):
         distinct = torch.full((n,), inf, device=dev)  # to any candidate the query does not repeat
         for rows, valid, client in _client_groups(slots):
             rows_t, valid_t = torch.as_tensor(rows, device=dev), torch.as_tensor(valid, device=dev)
-            client_t = torch.as_tensor(client, device=dev)
-            xg, sq = x[rows_t], x_sq[rows_t]                                                  # [g, w, d], [g, w]
+            xg, sq, e = x[rows_t], x_sq[rows_t], eps2[rows_t][:, :, None]                     # [g, w, d], [g, w]
             # unfilled history entries hold |h|^2 = +inf, so they never win the min
-            ring = (sq[:, :, None] + self.hist_sq[client_t][:, None, :]).sub_(self._ring_dots(xg, client), alpha=2)
-            peers = torch.baddbmm(sq[:, :, None] + sq[:, None, :], xg, xg.transpose(1, 2), alpha=-2)
-            peers.masked_fill_(~valid_t[:, None, :] | self._not_earlier(rows.shape[1]), inf)
-            d2 = torch.cat([ring, peers], 2)                                                  # [g, w, H + w]
-            near = d2.min(2).values
-            far = d2.masked_fill_(d2 <= eps2[rows_t][:, :, None], inf).min(2).values
+            client_t = torch.as_tensor(client, device=dev)
+            cands = [(sq[:, :, None] + self.hist_sq[client_t][:, None, :]).sub_(self._ring_dots(xg, client), alpha=2)]
+            if rows.shape[1] > 1:  # earlier rows of the same client in this batch
+                peers = torch.baddbmm(sq[:, :, None] + sq[:, None, :], xg, xg.transpose(1, 2), alpha=-2)
+                cands.append(peers.masked_fill_(~valid_t[:, None, :] | self._not_earlier(rows.shape[1]), inf))
+            near = cands[0].min(2).values                                                        # [g, w]
+            if len(cands) > 1:
+                near = torch.minimum(near, cands[1].min(2).values)
+            far = near.clone()
+            rep = torch.nonzero((near <= e[:, :, 0]) & valid_t)
+            if len(rep):  # rare: a repeat's distance is to the nearest candidate it does not repeat
+                gi, wi = rep[:, 0], rep[:, 1]
+                mins = [c[gi, wi].masked_fill_(c[gi, wi] <= e[gi, wi], inf).min(1).values for c in cands]
+                far[gi, wi] = mins[0] if len(mins) == 1 else torch.minimum(*mins)
             keep = torch.as_tensor(rows[valid], device=dev)
             nearest[keep], distinct[keep] = near[valid_t], far[valid_t]
         is_repeat = nearest <= eps2
