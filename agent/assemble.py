@@ -13,6 +13,7 @@ from agent import signing
 from agent.artifacts import load_detectors
 from agent.checkpoint import Checkpointer
 from agent.config import AgentConfig
+from agent.decode_ahead import build_decoding
 from agent.delivery import Delivery
 from agent.device import configure_cpu_threads
 from agent.pipeline import Pipeline
@@ -86,7 +87,8 @@ def build_pipeline(cfg: AgentConfig) -> Pipeline:
         dead = KafkaDeadLetters(cfg.kafka, cfg.deadletter.topic, cfg.deadletter.max_value_bytes)
     source = build_source(cfg)
     decoder = build_decoder(cfg, context.input_dim, context.n_classes)
-    pipeline = Pipeline(source, decoder, detectors, delivery, dead, telemetry, checkpoint)
+    decoding = build_decoding(decoder, cfg.source.decode_worker, cfg.source.max_poll_records)
+    pipeline = Pipeline(source, decoding, detectors, delivery, dead, telemetry, checkpoint)
     # Gauges read cached values: kafka-python clients must not be touched from the metrics thread.
     telemetry.observe_lag(lambda: dict(pipeline.last_lag))
     telemetry.observe_sink_queue(delivery.queue_depths)

@@ -61,6 +61,8 @@ class SourceOptions(_Strict):
     max_poll_interval_ms: int = Field(300_000, ge=1000)
     metadata_max_age_ms: int = Field(30_000, ge=100, description="partitions added to a topic are read within this")
     max_record_bytes: int = Field(1_048_576, ge=64, description="bigger records are dead-lettered")
+    # native format: decode in a second process, one batch ahead of the detectors (agent/decode_ahead.py)
+    decode_worker: bool = True
     # file source: JSONL files replayed as if they were the topics, one per stream
     inference_path: Path | None = None
     feedback_path: Path | None = None

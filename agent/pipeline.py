@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from agent.decode_ahead import Decoded
 from agent.findings import Finding
 from agent.records import DecodedBatch, RawRecord, merge_decoded
 from connectors.deadletter import reason_kind
@@ -42,6 +43,16 @@ class Decoder(Protocol):
     def decode(self, records: Sequence[RawRecord]) -> DecodedBatch: ...
 
 
+class Decoding(Protocol):
+    """Runs a decoder inline or in a worker (agent/decode_ahead.py); batches come back in poll order."""
+
+    decoder: Decoder
+    ahead: int
+    def exchange(self, records: list[RawRecord], flush: bool = False) -> Decoded | None: ...
+    def drain(self) -> list[Decoded]: ...
+    def close(self) -> None: ...
+
+
 @dataclass
 class Counters:
     records: int = 0
@@ -54,9 +65,10 @@ class Counters:
 
 
 class Pipeline:
-    def __init__(self, source: Source, decoder: Decoder, detectors: list[Detector], delivery: Any,
+    def __init__(self, source: Source, decoding: Decoding, detectors: list[Detector], delivery: Any,
                  deadletters: Any, telemetry: Any, checkpoint: Any):
-        self.source, self.decoder, self.detectors = source, decoder, detectors
+        self.source, self.decoding, self.detectors = source, decoding, detectors
+        self.decoder = decoding.decoder
         self.delivery, self.deadletters, self.telemetry, self.checkpoint = delivery, deadletters, telemetry, checkpoint
         self.counters = Counters()
         self.stopping = False
@@ -71,27 +83,38 @@ class Pipeline:
         source.on_revoke(self.partitions_revoked)
 
     def step(self, final: bool = False) -> int:
-        """Process one polled batch end to end; returns the number of records consumed.
+        """Poll one batch and process the oldest decoded one end to end; returns the records processed.
 
-        ``final``: poll nothing, release every KServe half still waiting for its partner (end of a batch run).
+        ``final``: poll nothing, process what is still being decoded and release every KServe half
+        still waiting for its partner (end of a batch run).
         """
-        records = [] if final else self.source.poll()                        # source
+        records = [] if final else self.source.poll()                            # source
+        ready = self.decoding.exchange(records, flush=final or not records)      # decode (maybe a batch ahead)
         expired = self.expire_joins(math.inf if final else None)
-        if not records and expired is None:
+        if ready is None and expired is None:
             return 0
+        ready = ready or Decoded([], DecodedBatch())
+        self.process(ready.records, merge_decoded(ready.batch, expired) if expired else ready.batch)
+        self.commit()                                                            # checkpoint + commit
+        return len(ready.records)
+
+    def process(self, records: list[RawRecord], decoded: DecodedBatch) -> None:
+        """Detect, deliver and mark the batch's offsets accepted (committed later, with a checkpoint)."""
         self._in_flight = True
         with self.telemetry.batch(records) as scope:
-            decoded = self.decoder.decode(records)                           # decode
-            decoded = merge_decoded(decoded, expired) if expired else decoded
-            self.deadletters.send(decoded.dead)                              # dead letters, own path
+            self.deadletters.send(decoded.dead)                                  # dead letters, own path
             self.observe(decoded, scope)
-            findings = self.detect(decoded, scope)                           # detect
-            self.deliver(findings)                                           # alert -> sinks
+            findings = self.detect(decoded, scope)                               # detect
+            self.deliver(findings)                                               # alert -> sinks
             self.deadletters.flush()
             self._accepted, self._in_flight = self.next_offsets(records), False
-            self.commit()                                                    # checkpoint + commit
         self.count(records, decoded, findings)
-        return len(records)
+
+    def process_ahead(self) -> None:
+        """Process the batches polled but still being decoded (before a checkpoint must reflect them).
+        No commit here: inside a revocation only the source may commit (kafka-python's event loop)."""
+        for ready in self.decoding.drain():
+            self.process(ready.records, ready.batch)
 
     def detect(self, decoded: DecodedBatch, scope: Any) -> list[Finding]:
         findings: list[Finding] = []
@@ -168,9 +191,10 @@ class Pipeline:
         return offsets
 
     def partitions_revoked(self, revoked: set[TP]) -> dict[TP, int]:
-        """Called inside ``poll()`` before a rebalance, when everything read so far was processed and accepted
-        (the source stops calling it once closed): checkpoint, and return the offsets the source must commit
+        """Called inside ``poll()`` before a rebalance (the source stops calling it once closed): process
+        what is still being decoded, checkpoint, and return the offsets the source must commit
         now (else the next owners would replay them)."""
+        self.process_ahead()
         offsets = self.checkpoint_now()
         for tp in revoked:
             for held in (self._read_up_to, self._accepted, self._committed):
@@ -198,7 +222,7 @@ class Pipeline:
             while not self.stopping:
                 if time.monotonic() - self._lag_at > 5.0:
                     self.last_lag, self._lag_at = self.source.lag(), time.monotonic()
-                if self.step() or self.awaiting_partitions(started):
+                if self.step() or self.decoding.ahead or self.awaiting_partitions(started):
                     idle_since = time.monotonic()
                 elif until_idle_s is not None and time.monotonic() - idle_since >= until_idle_s:
                     self.step(final=True)
@@ -228,6 +252,8 @@ class Pipeline:
     def close(self) -> None:
         """Flush sinks, checkpoint detector state and commit what was accepted, close clients (every exit path)."""
         try:
+            if not self._in_flight:
+                self.process_ahead()  # polled and decoded, not yet detected: finish them so they are committed
             self.flush_detectors()
             self.delivery.flush(10.0)
             if self._in_flight:  # state has seen records whose findings no sink took: keep the last checkpoint
@@ -236,7 +262,7 @@ class Pipeline:
                 self.commit(force=True)
         finally:
             for closer in (self.delivery.shutdown, self.deadletters.close, self.source.close,
-                           self.telemetry.shutdown):
+                           self.decoding.close, self.telemetry.shutdown):
                 try:
                     closer()
                 except Exception:
