@@ -55,14 +55,16 @@ def _records(X: np.ndarray, probs: np.ndarray, n: int, seed: int = 1) -> list[by
     return out
 
 
-def _produce(bootstrap: str, topic: str, values: list[bytes]) -> float:
+def _produce(bootstrap: str, topic: str, values: list[bytes], partitions: int | None = None) -> float:
+    """Produce ``values``; with ``partitions``, round-robin over them (the default sticky partitioner fills
+    one partition per batch, so partitions end up uneven and one member of a group gets more work)."""
     from kafka import KafkaProducer
 
     p = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, batch_size=1 << 20, acks=1,
                       max_request_size=32 << 20)
     t0 = time.perf_counter()
-    for v in values:
-        p.send(topic, v)
+    for i, v in enumerate(values):
+        p.send(topic, v, partition=None if partitions is None else i % partitions)
     p.flush()
     p.close()
     return time.perf_counter() - t0
@@ -327,7 +329,7 @@ def _scale_out(tmp: Path, bootstrap: str, device: str, names: list[str], values:
         if sorted(got) == [4 // procs] * procs:
             break
         raise RuntimeError(f"bench: group did not settle evenly: assignments {got}")
-    _produce(bootstrap, topic, values)
+    _produce(bootstrap, topic, values, partitions=4)  # every member gets the same share of the work
     go.set()
     while consumed.value < len(values) and time.time() < deadline + 600:
         time.sleep(0.05)
