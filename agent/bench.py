@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -219,10 +218,31 @@ def run_bench(events: int = 200_000, device: str = "auto", features: int = 64, a
     return 0
 
 
+def _offer(bootstrap: str, X: np.ndarray, probs: np.ndarray, rate: float, seconds: float) -> None:
+    """The model service: ``rate`` records/s for ``seconds``, each stamped with its produce time in ``ts``.
+
+    It runs in its own process, as a real model service does: in the agent's interpreter its thread woke
+    every 0.5 ms and took the GIL from the detectors, which then ran several times slower.
+    """
+    from kafka import KafkaProducer
+
+    p = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=1, acks=1)
+    t0 = time.time()
+    for i in range(int(rate * seconds)):
+        if (d := t0 + i / rate - time.time()) > 0:
+            time.sleep(d)
+        r = i % len(X)
+        rec = {"id": f"l-{i}", "ts": time.time(), "model": "bench", "client_id": f"c{i % 200}",
+               "input": np.round(X[r], 4).tolist(), "output": {"probs": np.round(probs[r], 4).tolist()}}
+        p.send("bench.latency", json.dumps(rec).encode())
+    p.flush()
+    p.close()
+
+
 def _latency(tmp: Path, bootstrap: str, device: str, names: list[str], X: np.ndarray, probs: np.ndarray,
              rate: float, seconds: float) -> dict[str, float]:
     """Offer ``rate`` records/s; latency = batch done (findings delivered, offsets committed) - produce time."""
-    from kafka import KafkaProducer
+    import multiprocessing as mp
 
     from agent.assemble import build_pipeline
     from agent.config import load_config
@@ -233,41 +253,23 @@ def _latency(tmp: Path, bootstrap: str, device: str, names: list[str], X: np.nda
     pipeline = build_pipeline(cfg)
     while pipeline.step() == 0 and not pipeline.source.assignment():
         pass  # wait for the group to join before offering load
-    lat: list[float] = []
-    produced_at: dict[str, float] = {}
-    stop = threading.Event()
-
-    def offer() -> None:
-        p = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=1, acks=1)
-        n = int(rate * seconds)
-        t0 = time.time()
-        for i in range(n):
-            due = t0 + i / rate
-            if (d := due - time.time()) > 0:
-                time.sleep(d)
-            rid = f"l-{i}"
-            produced_at[rid] = time.time()
-            r = i % len(X)
-            rec = {"id": rid, "ts": time.time(), "model": "bench", "client_id": f"c{i % 200}",
-                   "input": np.round(X[r], 4).tolist(), "output": {"probs": np.round(probs[r], 4).tolist()}}
-            p.send("bench.latency", json.dumps(rec).encode())
-        p.flush()
-        stop.set()
-
-    th = threading.Thread(target=offer, daemon=True)
-    th.start()
-    tap = _IdTap(pipeline.decoding)
-    pipeline.decoding = tap  # see which records each processed batch carried
+    service = mp.get_context("spawn").Process(target=_offer, args=(bootstrap, X, probs, rate, seconds), daemon=True)
+    service.start()
+    tap = _TsTap(pipeline.decoding)
+    pipeline.decoding = tap  # see the produce times of each processed batch's records
+    lat: list[np.ndarray] = []
     seen, total = 0, int(rate * seconds)
     deadline = time.time() + seconds + 60
     while seen < total and time.time() < deadline:
         if pipeline.step():
             done = time.time()  # findings delivered, offsets committed
-            lat += [(done - produced_at[i]) * 1000 for i in tap.last_ids if i in produced_at]
-            seen += len(tap.last_ids)
+            lat.append((done - tap.last_ts) * 1000)
+            seen += len(tap.last_ts)
     pipeline.close()
-    th.join()
-    arr = np.asarray(lat)
+    service.join(timeout=60)
+    arr = np.concatenate(lat) if lat else np.zeros(0)
+    if not len(arr):
+        raise RuntimeError("bench: no record of the latency stream was processed")
     return {"offered_eps": rate, "p50": round(float(np.percentile(arr, 50)), 1),
             "p99": round(float(np.percentile(arr, 99)), 1), "records": len(arr)}
 
@@ -343,17 +345,17 @@ def _scale_out(tmp: Path, bootstrap: str, device: str, names: list[str], values:
     return round(len(values) / (max(ends) - min(starts)))
 
 
-class _IdTap:
-    """Wraps the pipeline's decoding and remembers the inference ids of the last batch it handed over."""
+class _TsTap:
+    """Wraps the pipeline's decoding and remembers the event times of the last batch it handed over."""
 
     def __init__(self, inner: Any):
         self.inner = inner
-        self.last_ids: tuple[str, ...] = ()
+        self.last_ts = np.zeros(0)
 
     def exchange(self, records, flush=False):
         ready = self.inner.exchange(records, flush)
         inference = ready.batch.inference if ready is not None else None
-        self.last_ids = inference.ids if inference is not None else ()
+        self.last_ts = inference.ts if inference is not None else np.zeros(0)
         return ready
 
     def __getattr__(self, name: str) -> Any:  # ahead, drain, close, decoder
