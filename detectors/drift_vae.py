@@ -40,13 +40,16 @@ otherwise open a drift episode that then hides a real drift arriving while
 they are active. Each client's share of far-out records is tracked (EWMA,
 bounded LRU table); records of established clients whose share is high are
 left out of the drift tests *while such clients are a small minority* of the
-clients in the batch (``concentrated_max_share``). A real drift
-moves everyone, so it is never filtered away; the attackers' records still get
+clients in the batch (``concentrated_max_share``), and a feature-mean shift
+or class-prior shift must survive leaving out the few clients pushing it most
+(``robust_share``).
+A real drift moves everyone, so it is never filtered away; the attackers' records still get
 their per-record findings and feed the extraction detector.
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import Any
 
@@ -138,6 +141,13 @@ class DriftVAE(Detector):
         client_max_share: float = Field(
             0.1, gt=0, le=1, description="most of the recent traffic one client may make up in the drift tests")
         client_share_window: int = Field(500, ge=10, description="records over which a client's share is averaged")
+        robust_share: float = Field(
+            0.05, ge=0, lt=0.5, description="a feature-mean or class-prior shift must survive leaving out this "
+                                            "share of the window's clients, those pushing it most: a drift moves "
+                                            "everyone, a few clients' unusual queries (probing, attacks) do not "
+                                            "make one")
+        robust_p: float = Field(1e-3, gt=0, lt=1, description="Bonferroni p-value the rest of the window "
+                                                                   "must still reach for that check")
 
     def __init__(self, options: DetectorOptions, context):
         super().__init__(options, context)
@@ -151,8 +161,10 @@ class DriftVAE(Detector):
         self.n_fit = 0
         self._models: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._counters = {"records": 0, "record_findings": 0, "record_findings_capped": 0, "episodes": 0,
-                          "evicted_models": 0, "attributed_to_clients": 0}
+                          "evicted_models": 0, "attributed_to_clients": 0, "mean_shifts_left_to_clients": 0,
+                          "label_shifts_left_to_clients": 0}
         self._slots = ClientSlots(options.max_clients)
+        self._row_slots = np.zeros(0, np.int64)
         self._eviction_alarm = EvictionAlarm(self.name, self.family)
         self._far_share = np.zeros(0, np.float64)  # per client slot: EWMA of far-out records
         self._seen = np.zeros(0, np.int64)  # per client slot: records seen
@@ -274,6 +286,7 @@ class DriftVAE(Detector):
     def _population(self, batch: InferenceBatch, p_tail: np.ndarray) -> np.ndarray:
         """Rows that speak for the population: all, minus those of a small minority of anomalous clients."""
         slots, fresh = self._slots.assign(batch.clients)
+        self._row_slots = slots  # read by _feature_means, for the leave-clients-out check
         need = self._slots.high_water
         if len(self._far_share) < need:
             grow = max(need, 2 * len(self._far_share))
@@ -344,8 +357,8 @@ class DriftVAE(Detector):
             self._counters["evicted_models"] += 1
         state = {
             **{c: {"S": 0.0, "ids": [], "n": 0, "n_small": 0, "start_ts": None, **_episode()} for c in _COVARIATE},
-            "feature_mean": {"sums": np.zeros(len(self.mean)), "ids": [], "start_ts": None, "n": 0, **_episode()},
-            "label": {"counts": np.zeros(len(self.class_freq) if self.class_freq is not None else 0),
+            "feature_mean": {**_mean_window(len(self.mean)), "ids": [], "start_ts": None, **_episode()},
+            "label": {**_label_window(len(self.class_freq) if self.class_freq is not None else 0),
                       "ids": [], "start_ts": None, **_episode()},
         }
         self._models[model] = state
@@ -422,6 +435,8 @@ class DriftVAE(Detector):
             if st["start_ts"] is None and len(rows):
                 st["start_ts"] = float(batch.ts[rows[0]])
             st["sums"] = st["sums"] + xs[take].sum(0)
+            st["rows"] = np.concatenate([st["rows"], xs[take].astype(np.float32)])
+            st["row_slots"] = np.concatenate([st["row_slots"], self._row_slots[rows]])
             st["n"] += len(rows)
             room = MAX_RELATED - len(st["ids"])
             st["ids"].extend(batch.ids[i] for i in rows[:room].tolist())
@@ -431,7 +446,9 @@ class DriftVAE(Detector):
                 z = (st["sums"] / st["n"]) / np.sqrt(1.0 / st["n"] + 1.0 / n_fit)
                 worst = int(np.argmax(np.abs(z)))
                 pval = float(min(1.0, 2 * ndtr(-abs(z[worst])) * len(z)))  # = norm.sf
-                if pval < self.opts.mean_p:
+                if pval < self.opts.mean_p and self._few_clients_explain(st, z, n_fit):
+                    self._counters["mean_shifts_left_to_clients"] += 1
+                elif pval < self.opts.mean_p:
                     top = np.argsort(-np.abs(z))[:5]
                     f = self._alarm(state, "feature_mean", model, float(batch.ts[rows[-1]]), {
                         "direction": "feature means moved", "p_bonferroni": pval, "threshold_p": self.opts.mean_p,
@@ -441,8 +458,50 @@ class DriftVAE(Detector):
                         findings.append(f)
                 elif st["open"] and st["since_alarm"] >= self.opts.quiet_records:
                     st["open"] = False
-                st.update(sums=np.zeros(len(self.mean)), n=0, ids=[], start_ts=None)
+                st.update(_mean_window(len(self.mean)), ids=[], start_ts=None)
         return findings
+
+    def _without_top_clients(self, slots: np.ndarray, push: np.ndarray) -> np.ndarray:
+        """Mask of the rows left once the ``robust_share`` of clients with the largest summed ``push`` go."""
+        uniq, inv = np.unique(slots, return_inverse=True)
+        per_client = np.bincount(inv, weights=push)
+        drop = np.argsort(-per_client)[: max(1, math.ceil(self.opts.robust_share * len(uniq)))]
+        return ~np.isin(inv, drop)
+
+    def _few_clients_shift_classes(self, st: dict[str, Any]) -> bool:
+        """Whether the class-prior shift vanishes once the clients whose predictions push it most are left
+        out (a client's push: per row, how over-represented the row's class is in the window)."""
+        if self.opts.robust_share <= 0:
+            return False
+        labels, k = st["labels"], len(self.class_freq)
+        expected = self.class_freq * len(labels)
+        excess = (np.bincount(labels, minlength=k) - expected) / expected
+        keep = self._without_top_clients(st["label_slots"], excess[labels])
+        n = int(keep.sum())
+        if n < k:
+            return True
+        rest = np.bincount(labels[keep], minlength=k)
+        chi2 = float(((rest - self.class_freq * n) ** 2 / (self.class_freq * n)).sum())
+        return float(chdtrc(k - 1, chi2)) >= self.opts.robust_p
+
+    def _few_clients_explain(self, st: dict[str, Any], z: np.ndarray, n_fit: int) -> bool:
+        """Whether the window's mean shift vanishes once the clients pushing it most are left out.
+
+        Per client, the sum of its rows along the most shifted feature, signed by the shift; the top
+        ``robust_share`` of the window's clients are dropped and the test is redone on all features.
+        The shift already passed ``mean_p``; what remains only has to show it at ``robust_p``, a
+        level the benign rest of a window with a few attackers reaches once in a thousand windows.
+        """
+        if self.opts.robust_share <= 0:
+            return False
+        rows = st["rows"]
+        worst = int(np.argmax(np.abs(z)))
+        keep = self._without_top_clients(st["row_slots"], rows[:, worst] * np.sign(z[worst]))
+        n = int(keep.sum())
+        if n < 2:
+            return True
+        z_rest = (rows[keep].sum(0, dtype=np.float64) / n) / np.sqrt(1.0 / n + 1.0 / n_fit)
+        return float(min(1.0, 2 * ndtr(-np.abs(z_rest).max()) * len(z_rest))) >= self.opts.robust_p
 
     def _label_shift(self, state: dict[str, Any], model: str, batch: InferenceBatch,
                      idx: np.ndarray) -> list[Finding]:
@@ -458,6 +517,8 @@ class DriftVAE(Detector):
             if st["start_ts"] is None and len(take):
                 st["start_ts"] = float(batch.ts[take[0]])
             st["counts"] = st["counts"] + np.bincount(batch.labels[take], minlength=k)
+            st["labels"] = np.concatenate([st["labels"], batch.labels[take]])
+            st["label_slots"] = np.concatenate([st["label_slots"], self._row_slots[take]])
             room = MAX_RELATED - len(st["ids"])
             st["ids"].extend(batch.ids[i] for i in take[:room].tolist())
             st["since_alarm"] += len(take)
@@ -467,7 +528,9 @@ class DriftVAE(Detector):
                 expected = self.class_freq * n
                 chi2 = float(((st["counts"] - expected) ** 2 / expected).sum())
                 pval = float(chdtrc(k - 1, chi2))  # = chi2.sf(chi2, df=k - 1)
-                if pval < self.opts.label_p:
+                if pval < self.opts.label_p and self._few_clients_shift_classes(st):
+                    self._counters["label_shifts_left_to_clients"] += 1
+                elif pval < self.opts.label_p:
                     f = self._alarm(state, "label", model, float(batch.ts[take[-1]]), {
                         "chi2": chi2, "p": pval, "threshold_p": self.opts.label_p, "window": int(n),
                         "observed_share": (st["counts"] / n).round(4).tolist(),
@@ -477,7 +540,7 @@ class DriftVAE(Detector):
                         findings.append(f)
                 elif st["open"] and st["since_alarm"] >= self.opts.quiet_records:
                     st["open"] = False
-                st.update(counts=np.zeros(k), ids=[], start_ts=None)
+                st.update(_label_window(k), ids=[], start_ts=None)
         return findings
 
     def _alarm(self, state: dict[str, Any], channel: str, model: str, ts: float,
@@ -522,8 +585,11 @@ class DriftVAE(Detector):
                 "model": model,
                 **{c: {**state[c], "ids": list(state[c]["ids"])} for c in _COVARIATE},
                 "feature_mean": {**state["feature_mean"], "ids": list(state["feature_mean"]["ids"]),
-                                 "sums": np.asarray(state["feature_mean"]["sums"], np.float64)},
-                "label": {**lab, "ids": list(lab["ids"]), "counts": np.asarray(lab["counts"], np.float64)},
+                                 "sums": np.asarray(state["feature_mean"]["sums"], np.float64),
+                                 "rows": state["feature_mean"]["rows"].copy(),
+                                 "row_slots": state["feature_mean"]["row_slots"].copy()},
+                "label": {**lab, "ids": list(lab["ids"]), "counts": np.asarray(lab["counts"], np.float64),
+                          "labels": lab["labels"].copy(), "label_slots": lab["label_slots"].copy()},
             })
         n = self._slots.high_water
         return {"models": models, "counters": dict(self._counters), "clients": self._slots.state_dict(),
@@ -537,8 +603,18 @@ class DriftVAE(Detector):
             for c in (*_COVARIATE, "feature_mean", "label"):
                 restored[c] = dict(entry[c])
                 restored[c]["ids"] = list(restored[c]["ids"])
-            restored["label"]["counts"] = np.asarray(restored["label"]["counts"], np.float64)
-            restored["feature_mean"]["sums"] = np.asarray(restored["feature_mean"]["sums"], np.float64)
+            lab = restored["label"]
+            lab["counts"] = np.asarray(lab["counts"], np.float64)
+            if "labels" not in lab:  # a checkpoint from before the leave-clients-out check: start a new window
+                lab.update(_label_window(len(lab["counts"])), ids=[], start_ts=None)
+            lab["labels"] = np.asarray(lab["labels"], np.int64)
+            lab["label_slots"] = np.asarray(lab["label_slots"], np.int64)
+            fm = restored["feature_mean"]
+            fm["sums"] = np.asarray(fm["sums"], np.float64)
+            if "rows" not in fm:  # a checkpoint from before the leave-clients-out check: start a new window
+                fm.update(_mean_window(len(fm["sums"])), ids=[], start_ts=None)
+            fm["rows"] = np.asarray(fm["rows"], np.float32).reshape(-1, len(fm["sums"]))
+            fm["row_slots"] = np.asarray(fm["row_slots"], np.int64)
             self._models[entry["model"]] = restored
         self._counters.update(state["counters"])
         self._slots.load_state_dict(state["clients"])
@@ -547,6 +623,17 @@ class DriftVAE(Detector):
         self._share = np.asarray(state["share"], np.float64).copy()
         self._share_at = np.asarray(state["share_at"], np.int64).copy()
         self._total = int(state["total"])
+
+
+def _mean_window(dim: int) -> dict[str, Any]:
+    """An empty window of the feature-mean test: running sums plus its rows and their clients' slots."""
+    return {"sums": np.zeros(dim), "n": 0, "rows": np.zeros((0, dim), np.float32),
+            "row_slots": np.zeros(0, np.int64)}
+
+
+def _label_window(k: int) -> dict[str, Any]:
+    """An empty window of the class-prior test: class counts plus its labels and their clients' slots."""
+    return {"counts": np.zeros(k), "labels": np.zeros(0, np.int64), "label_slots": np.zeros(0, np.int64)}
 
 
 def _episode() -> dict[str, Any]:
