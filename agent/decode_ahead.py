@@ -153,7 +153,10 @@ def _serve(conn: Connection, spec: DecodeSpec) -> None:
     A thread keeps reading while the main loop decodes: if both ends could block in ``send()`` at
     once (the agent handing in batch k+1, the worker handing back batch k) neither would ever read.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the agent, which closes the pipe
+    # Ctrl-C, and systemd's SIGTERM to the whole service, are for the agent: it finishes what the worker
+    # holds, then closes the pipe, and the worker exits on that EOF (also when the agent is killed)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     inbox: queue.SimpleQueue[_Columns | None] = queue.SimpleQueue()
 
     def read() -> None:

@@ -142,3 +142,16 @@ def test_the_agent_finds_the_same_with_and_without_the_worker(tmp_path: Path) ->
     ahead, n_ahead = run_agent(tmp_path, "worker", data, decode_worker=True)
     assert n_inline == n_ahead == 2_650
     assert inline and ahead == inline
+
+
+def test_a_stop_signal_to_the_whole_process_group_leaves_the_worker_to_the_agent(worker: WorkerDecoding) -> None:
+    """systemd sends SIGTERM to every process of the service: the worker must outlive it until the agent has
+    processed what it holds and closed the pipe."""
+    assert worker.exchange(records(0, 10), flush=True) is not None  # the worker is up, its handlers set
+    assert worker.exchange(records(10, 10)) is None
+    os.kill(worker._worker.pid, signal.SIGTERM)
+    os.kill(worker._worker.pid, signal.SIGINT)
+    ready = worker.exchange(records(20, 10))
+    assert ready.records[0].offset == 10 and not worker._broken and worker._worker.is_alive()
+    worker.close()
+    assert not worker._worker.is_alive() and worker._worker.exitcode == 0

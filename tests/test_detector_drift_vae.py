@@ -213,6 +213,19 @@ def test_evaluate_quick_meets_the_drift_goals() -> None:
     assert report["events_to_detect"] <= 500
 
 
+def feed(det: DriftVAE, X: np.ndarray, clients: list[str], labels: np.ndarray) -> list:
+    """Records 0.05 s apart from the named clients, in batches of 500; every finding raised."""
+    found = []
+    for i in range(0, len(X), 500):
+        sl = slice(i, i + 500)
+        m = len(X[sl])
+        found += det.update(InferenceBatch(
+            ids=tuple(f"a{j}" for j in range(i, i + m)), ts=0.05 * np.arange(i, i + m), models=("m",) * m,
+            model_versions=(None,) * m, clients=tuple(clients[sl]), X=X[sl], probs=None,
+            labels=labels[sl].astype(np.int64)), {})
+    return found
+
+
 def test_a_few_ood_clients_do_not_open_a_drift_episode_that_hides_real_drift(digits, artifacts) -> None:
     """Attackers' out-of-distribution queries are theirs, not the population's: a later real drift still shows."""
     det = fitted(digits, artifacts)
@@ -224,14 +237,7 @@ def test_a_few_ood_clients_do_not_open_a_drift_episode_that_hides_real_drift(dig
     X[attack] = rng.uniform(0, 1, (attack.sum(), digits.dim)).astype(np.float32)
     for j in np.flatnonzero(attack):
         clients[j] = f"attacker-{j % 3}"
-    found = []
-    for i in range(0, n, 500):
-        sl = slice(i, i + 500)
-        m = len(X[sl])
-        b = InferenceBatch(ids=tuple(f"a{j}" for j in range(i, i + m)), ts=0.05 * np.arange(i, i + m),
-                           models=("m",) * m, model_versions=(None,) * m, clients=tuple(clients[sl]), X=X[sl],
-                           probs=None, labels=np.full(m, -1, np.int64))
-        found += [f for f in det.update(b, {}) if f.title != "Out-of-distribution input"]
+    found = [f for f in feed(det, X, clients, np.full(n, -1)) if f.title != "Out-of-distribution input"]
     assert found == [], [f.title for f in found]
     assert det.state_dict()["counters"]["attributed_to_clients"] > 0
     shifted = run(det, noisy(digits, 2000, seed=22), start_ts=400.0, prefix="s")
@@ -253,14 +259,7 @@ def few_clients_skew(digits: data.Dataset, det: DriftVAE, share: float = 0.2) ->
     labels[skewed] = 3
     for j in np.flatnonzero(skewed):
         clients[j] = f"prober-{j % 5}"
-    found = []
-    for i in range(0, n, 500):
-        sl = slice(i, i + 500)
-        m = len(X[sl])
-        b = InferenceBatch(ids=tuple(f"a{j}" for j in range(i, i + m)), ts=0.05 * np.arange(i, i + m),
-                           models=("m",) * m, model_versions=(None,) * m, clients=tuple(clients[sl]), X=X[sl],
-                           probs=None, labels=labels[sl].astype(np.int64))
-        found += det.update(b, {})
+    found = feed(det, X, clients, labels)
     return [f for f in found if f.evidence.get("channel") in ("feature_mean", "label")]
 
 
