@@ -8,6 +8,10 @@ so a dead SIEM can never make us skip records. Committable offsets are
 committed together with a checkpoint of the detectors' state that reflects
 exactly them (every ``checkpoint_interval_s``, when partitions are revoked, and
 on exit), so a restart neither skips nor double-counts a record in a window.
+
+Decoding may run one full poll ahead in a worker process (agent/decode_ahead.py):
+batches are still processed here in poll order, and a revocation or an exit first
+processes what is still being decoded, so the checkpoint covers every record read.
 """
 
 from __future__ import annotations
