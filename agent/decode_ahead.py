@@ -18,6 +18,7 @@ with the pipeline and it always runs inline.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing as mp
 import queue
@@ -86,6 +87,10 @@ class WorkerDecoding:
         self._worker.start()
         child.close()
         self._broken = False
+        # At exit multiprocessing SIGTERMs and joins daemonic children, but the worker ignores SIGTERM and
+        # waits for its pipe to close: close it first (atexit runs handlers registered later first), so a
+        # process that never called close() (a crash path, a test) still exits.
+        atexit.register(self.close)
 
     @property
     def ahead(self) -> int:
@@ -107,12 +112,14 @@ class WorkerDecoding:
         return [self._receive() for _ in range(len(self._in_flight))]
 
     def close(self) -> None:
+        atexit.unregister(self.close)
         try:
             self._conn.close()
         finally:
             self._worker.join(timeout=5)
             if self._worker.is_alive():
                 self._worker.kill()
+                self._worker.join(timeout=5)
 
     def _submit(self, records: list[RawRecord]) -> None:
         self._in_flight.append(records)

@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -155,3 +157,23 @@ def test_a_stop_signal_to_the_whole_process_group_leaves_the_worker_to_the_agent
     assert ready.records[0].offset == 10 and not worker._broken and worker._worker.is_alive()
     worker.close()
     assert not worker._worker.is_alive() and worker._worker.exitcode == 0
+
+
+def test_a_process_that_never_closes_its_worker_still_exits(tmp_path: Path) -> None:
+    """At exit multiprocessing SIGTERMs and joins daemonic children; the worker ignores SIGTERM, so without the
+    agent's own exit hook closing the pipe first, the interpreter would wait for ever (it did: a CI run hung)."""
+    script = tmp_path / "leak.py"
+    script.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
+        "from tests.test_decode_ahead import decoder, records\n"
+        "from agent.decode_ahead import WorkerDecoding\n"
+        "if __name__ == '__main__':\n"
+        "    w = WorkerDecoding(decoder(), full_batch=10)\n"
+        "    assert w.exchange(records(0, 10), flush=True) is not None\n"
+        "    print(w._worker.pid, flush=True)\n")  # exits without w.close()
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    pid = int(done.stdout.split()[0])
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
