@@ -72,7 +72,6 @@ class Pipeline:
     def __init__(self, source: Source, decoding: Decoding, detectors: list[Detector], delivery: Any,
                  deadletters: Any, telemetry: Any, checkpoint: Any):
         self.source, self.decoding, self.detectors = source, decoding, detectors
-        self.decoder = decoding.decoder
         self.delivery, self.deadletters, self.telemetry, self.checkpoint = delivery, deadletters, telemetry, checkpoint
         self.counters = Counters()
         self.stopping = False
@@ -85,6 +84,10 @@ class Pipeline:
         self._in_flight = False               # detectors saw a batch whose findings are not yet accepted
         source.resume(checkpoint.offsets)     # skip what the restored state has already seen
         source.on_revoke(self.partitions_revoked)
+
+    @property
+    def decoder(self) -> Decoder:
+        return self.decoding.decoder
 
     def step(self, final: bool = False) -> int:
         """Poll one batch and process the oldest decoded one end to end; returns the records processed.

@@ -358,7 +358,7 @@ class DriftVAE(Detector):
         state = {
             **{c: {"S": 0.0, "ids": [], "n": 0, "n_small": 0, "start_ts": None, **_episode()} for c in _COVARIATE},
             "feature_mean": {**_mean_window(len(self.mean)), "ids": [], "start_ts": None, **_episode()},
-            "label": {**_label_window(len(self.class_freq) if self.class_freq is not None else 0),
+            "label": {**_label_window(),
                       "ids": [], "start_ts": None, **_episode()},
         }
         self._models[model] = state
@@ -512,35 +512,35 @@ class DriftVAE(Detector):
         findings: list[Finding] = []
         pos = 0
         while pos < len(labelled):
-            need = self.opts.label_window - int(st["counts"].sum())
+            need = self.opts.label_window - len(st["labels"])
             take = labelled[pos : pos + need]
             if st["start_ts"] is None and len(take):
                 st["start_ts"] = float(batch.ts[take[0]])
-            st["counts"] = st["counts"] + np.bincount(batch.labels[take], minlength=k)
             st["labels"] = np.concatenate([st["labels"], batch.labels[take]])
             st["label_slots"] = np.concatenate([st["label_slots"], self._row_slots[take]])
             room = MAX_RELATED - len(st["ids"])
             st["ids"].extend(batch.ids[i] for i in take[:room].tolist())
             st["since_alarm"] += len(take)
             pos += len(take)
-            if st["counts"].sum() >= self.opts.label_window:
-                n = st["counts"].sum()
+            if len(st["labels"]) >= self.opts.label_window:
+                counts = np.bincount(st["labels"], minlength=k).astype(np.float64)
+                n = counts.sum()
                 expected = self.class_freq * n
-                chi2 = float(((st["counts"] - expected) ** 2 / expected).sum())
+                chi2 = float(((counts - expected) ** 2 / expected).sum())
                 pval = float(chdtrc(k - 1, chi2))  # = chi2.sf(chi2, df=k - 1)
                 if pval < self.opts.label_p and self._few_clients_shift_classes(st):
                     self._counters["label_shifts_left_to_clients"] += 1
                 elif pval < self.opts.label_p:
                     f = self._alarm(state, "label", model, float(batch.ts[take[-1]]), {
                         "chi2": chi2, "p": pval, "threshold_p": self.opts.label_p, "window": int(n),
-                        "observed_share": (st["counts"] / n).round(4).tolist(),
+                        "observed_share": (counts / n).round(4).tolist(),
                         "reference_share": self.class_freq.round(4).tolist(),
                     })
                     if f is not None:
                         findings.append(f)
                 elif st["open"] and st["since_alarm"] >= self.opts.quiet_records:
                     st["open"] = False
-                st.update(_label_window(k), ids=[], start_ts=None)
+                st.update(_label_window(), ids=[], start_ts=None)
         return findings
 
     def _alarm(self, state: dict[str, Any], channel: str, model: str, ts: float,
@@ -588,8 +588,8 @@ class DriftVAE(Detector):
                                  "sums": np.asarray(state["feature_mean"]["sums"], np.float64),
                                  "rows": state["feature_mean"]["rows"].copy(),
                                  "row_slots": state["feature_mean"]["row_slots"].copy()},
-                "label": {**lab, "ids": list(lab["ids"]), "counts": np.asarray(lab["counts"], np.float64),
-                          "labels": lab["labels"].copy(), "label_slots": lab["label_slots"].copy()},
+                "label": {**lab, "ids": list(lab["ids"]), "labels": lab["labels"].copy(),
+                          "label_slots": lab["label_slots"].copy()},
             })
         n = self._slots.high_water
         return {"models": models, "counters": dict(self._counters), "clients": self._slots.state_dict(),
@@ -604,9 +604,9 @@ class DriftVAE(Detector):
                 restored[c] = dict(entry[c])
                 restored[c]["ids"] = list(restored[c]["ids"])
             lab = restored["label"]
-            lab["counts"] = np.asarray(lab["counts"], np.float64)
             if "labels" not in lab:  # a checkpoint from before the leave-clients-out check: start a new window
-                lab.update(_label_window(len(lab["counts"])), ids=[], start_ts=None)
+                lab.update(_label_window(), ids=[], start_ts=None)
+            lab.pop("counts", None)  # such checkpoints kept class counts; they are the labels' bincount now
             lab["labels"] = np.asarray(lab["labels"], np.int64)
             lab["label_slots"] = np.asarray(lab["label_slots"], np.int64)
             fm = restored["feature_mean"]
@@ -631,9 +631,9 @@ def _mean_window(dim: int) -> dict[str, Any]:
             "row_slots": np.zeros(0, np.int64)}
 
 
-def _label_window(k: int) -> dict[str, Any]:
-    """An empty window of the class-prior test: class counts plus its labels and their clients' slots."""
-    return {"counts": np.zeros(k), "labels": np.zeros(0, np.int64), "label_slots": np.zeros(0, np.int64)}
+def _label_window() -> dict[str, Any]:
+    """An empty window of the class-prior test: its predicted labels and their clients' slots."""
+    return {"labels": np.zeros(0, np.int64), "label_slots": np.zeros(0, np.int64)}
 
 
 def _episode() -> dict[str, Any]:
