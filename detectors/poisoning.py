@@ -26,7 +26,17 @@ event-time windows (``window_s``):
   with another label, where the model sides with the other) are named;
 - a *window* is poisoned when the strong flags of the other sources together
   are far above ``benign_flag_rate`` (``window_alpha``): campaigns spread
-  thinly over many sources; its strong-flagged records are named.
+  thinly over many sources; its strong-flagged records are named;
+- a window is poisoned too when the weak flags of the other sources together
+  are far above ``honest_error_rate`` (``window_alpha``): where the model
+  rejects honest confusions as firmly as flips (an overconfident model, a
+  two-class task), few labels pass the strict threshold, but a campaign still
+  adds implausible labels beyond what honest mistakes explain. Its records are
+  ranked by how confidently *both* the model (its term capped at
+  ``-log(record_fpr)``) and the neighbour vote reject the label, and the
+  largest top set is named whose expected benign share, read from the
+  reference null (calibration rows plus simulated honest confusions), stays
+  within ``window_fdr`` (Benjamini-Hochberg step-up).
 
 The label histogram of each source is tested against the reference prior
 (chi-square) and reported as evidence.
@@ -104,6 +114,11 @@ class PoisoningDetector(Detector):
                              description="significance of each per-source test (one per source and window)")
         window_alpha: float = Field(1e-3, gt=0, lt=0.05,
                                     description="significance of the whole-window test (one per window)")
+        window_fdr: float = Field(0.1, gt=0, lt=0.5,
+                                  description="once a window holds more implausible labels than honest "
+                                              "mistakes explain, the share of the records its finding names "
+                                              "that may be benign (honest mistakes included), estimated from "
+                                              "reference data")
         min_records: int = Field(3, ge=1, description="suspicious records a finding needs at least")
         window_s: float = Field(600.0, gt=0, description="event-time window length (tumbling)")
         max_window_records: int = Field(20000, ge=100,
@@ -131,6 +146,7 @@ class PoisoningDetector(Detector):
         super().__init__(options, context)
         self.opt: PoisoningDetector.Options = options  # type: ignore[assignment]
         self.fitted = False
+        self.rank_clean: np.ndarray | None = None
         self.windows: dict[int, dict[str, Any]] = {}
         self.evicted_sources = 0
         self.closed_windows = 0
@@ -151,9 +167,12 @@ class PoisoningDetector(Detector):
         nn = d.min(1).values.cpu().numpy()
         nn = nn[np.isfinite(nn) & (nn > 0)]
         self.dup_radius = float(np.quantile(nn, o.dup_quantile)) if len(nn) else 0.0
-        scores = self._scores(cal.X, cal.y)[0]
+        scores, p_cal, agree_cal, _ = self._scores(cal.X, cal.y)
         clean_threshold = _tail_quantile(scores, o.record_fpr)
         confusion_threshold, n_conf = self._confusion_threshold(cal)
+        # benign null of the ranking used to name records of a poisoned window: correct labels
+        # (calibration rows) and simulated honest confusions (weighted by how ambiguous the input is)
+        self.rank_clean = np.sort(self._rank(p_cal, agree_cal))
         self.threshold = max(clean_threshold, confusion_threshold)
         self.clean_threshold = clean_threshold
         shift = (self._ref_np_X - self.class_mean[self._ref_np_y]) / self.class_std[self._ref_np_y]
@@ -193,7 +212,10 @@ class PoisoningDetector(Detector):
         runner_up = others.argmax(1)
         srt = np.sort(votes, 1)
         ambiguity = 1.0 - (srt[:, -1] - srt[:, -2]) / max(o.k, 1) + 1e-3
-        conf_scores = self._scores(cal.X, runner_up)[0]
+        conf_scores, p_conf, agree_conf, _ = self._scores(cal.X, runner_up)
+        rank = self._rank(p_conf, agree_conf)
+        by_rank = np.argsort(rank, kind="stable")
+        self.rank_conf, self.rank_conf_w = rank[by_rank], ambiguity[by_rank].astype(np.float64)
         order = np.argsort(conf_scores)
         cum = np.cumsum(ambiguity[order]) / ambiguity.sum()
         pick = min(int(np.searchsorted(cum, 1 - o.confusion_pass)), len(order) - 1)
@@ -220,6 +242,36 @@ class PoisoningDetector(Detector):
                 # floor: a pixel that is always 0 in a class must not make every shift infinite
                 self.class_std[c] = np.maximum(rows.std(0), 0.1 * scale)
 
+    def _rank(self, p_label: np.ndarray, agree: np.ndarray) -> np.ndarray:
+        """How confidently both the model and the reference neighbours reject a label (higher = more).
+
+        The same two terms as the score, but the model's term stops at
+        ``-log(record_fpr)``: the detector reasons about no per-record rate
+        below that, and a model's probabilities that far out say more about
+        its overconfidence than about the label, so that the neighbour vote
+        still separates a flipped clear-cut input from an honest confusion of
+        an ambiguous one where the model rejects both outright.
+        """
+        kk = min(self.opt.k, len(self._ref_np_X))
+        model = np.minimum(-np.log(np.maximum(p_label, 1e-12)), -math.log(self.opt.record_fpr))
+        return model - np.log((np.asarray(agree, np.float64) * kk + 0.5) / (kk + 1))
+
+    def _rank_null(self, t: np.ndarray) -> np.ndarray:
+        """Share of benign feedback records ranked at least ``t``: correct labels (calibration rows,
+        exponential tail past their top ``tail``) mixed with ``honest_error_rate`` honest confusions."""
+        o = self.opt
+        clean = self.rank_clean
+        n = len(clean)
+        tail = 0.1
+        u = float(np.quantile(clean, 1 - tail))
+        excess = clean[clean > u] - u
+        scale = max(float(excess.mean()) if len(excess) else 0.0, 1e-9)
+        empirical = (n - np.searchsorted(clean, t, side="left")) / n
+        p_clean = np.where(t > u, np.maximum(tail * np.exp(-(t - u) / scale), empirical), empirical)
+        cw = np.concatenate([np.cumsum(self.rank_conf_w[::-1])[::-1], [0.0]])
+        p_conf = cw[np.searchsorted(self.rank_conf, t, side="left")] / max(cw[0], 1e-12)
+        return (1 - o.honest_error_rate) * p_clean + o.honest_error_rate * p_conf
+
     def _scores(self, X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Suspicion per record (higher = label less plausible), model p(label), kNN agreement, prediction."""
         o = self.opt
@@ -244,7 +296,8 @@ class PoisoningDetector(Detector):
         return {"reference_X": self._ref_np_X, "reference_y": self._ref_np_y, "n_classes": self.n_classes,
                 "threshold": self.threshold, "dup_radius": self.dup_radius, "calibration": dict(self.calibration),
                 "exceed_pos": self.exceed_pos, "exceed_neg": self.exceed_neg,
-                "clean_threshold": self.clean_threshold}
+                "clean_threshold": self.clean_threshold, "rank_clean": self.rank_clean,
+                "rank_conf": self.rank_conf, "rank_conf_w": self.rank_conf_w}
 
     def load_artifacts(self, tree: dict[str, Any]) -> None:
         self._set_reference(np.asarray(tree["reference_X"]), np.asarray(tree["reference_y"]), int(tree["n_classes"]))
@@ -254,6 +307,10 @@ class PoisoningDetector(Detector):
         self.calibration = dict(tree["calibration"])
         self.exceed_pos = np.asarray(tree["exceed_pos"], np.float64)
         self.exceed_neg = np.asarray(tree["exceed_neg"], np.float64)
+        if "rank_clean" in tree:
+            self.rank_clean = np.asarray(tree["rank_clean"], np.float64)
+            self.rank_conf = np.asarray(tree["rank_conf"], np.float64)
+            self.rank_conf_w = np.asarray(tree["rank_conf_w"], np.float64)
         self.fitted = True
 
     # ------------------------------------------------------------------ update
@@ -408,6 +465,10 @@ class PoisoningDetector(Detector):
         p_window = _binom_tail(len(rest), max(n_rest, len(rest)), o.benign_flag_rate)
         if len(rest) >= o.min_records and p_window < o.window_alpha:
             significant[WINDOW_LEVEL] = rest
+        excess, excess_test = self._window_excess(win, leftover, n_rest)
+        if len(excess):
+            p_window = min(p_window, excess_test["p"])
+            significant[WINDOW_LEVEL] = np.union1d(significant.get(WINDOW_LEVEL, np.zeros(0, np.int64)), excess)
         findings = []
         # the trigger test is its own significance test, so it scans every implausible label of the
         # window: a backdoor spread thinly over many sources is found even when no count test fires
@@ -423,10 +484,47 @@ class PoisoningDetector(Detector):
             for kind, sel in (("backdoor", trig_idx), ("label_flip", flip_idx)):
                 if len(sel) < o.min_records:
                     continue
-                f = self._maybe_emit(win, src, kind, sel, ts, final, source_tests.get(src), p_window, triggers)
+                f = self._maybe_emit(win, src, kind, sel, ts, final, source_tests.get(src), p_window, triggers,
+                                     excess_test if len(excess) else None)
                 if f is not None:
                     findings.append(f)
         return findings
+
+    def _window_excess(self, win: dict[str, Any], leftover: np.ndarray, n_rest: int
+                       ) -> tuple[np.ndarray, dict[str, float]]:
+        """The most implausible labels of a window that holds more of them than honest mistakes explain.
+
+        A campaign spread thinly over many sources leaves no single source
+        significant and, where the model rejects honest confusions as firmly as
+        flips, few strong flags; but the window as a whole then holds more
+        weakly implausible labels than ``honest_error_rate`` explains (binomial,
+        ``window_alpha``). Then the records are ranked by :meth:`_rank` and the
+        largest top set is named whose expected benign share, from the
+        reference null (correct labels plus honest confusions, at the
+        window's record count), stays within ``window_fdr`` (Benjamini-Hochberg
+        step-up).
+        """
+        o = self.opt
+        if self.rank_clean is None:  # artifacts from before this test
+            return np.zeros(0, np.int64), {"p": 1.0}
+        cand = np.flatnonzero(leftover & (win["score"] > self.clean_threshold))
+        n = max(n_rest, len(cand))
+        p = _binom_tail(len(cand), n, o.honest_error_rate)
+        test = {"p": p, "records": n, "implausible": len(cand), "honest_expected": n * o.honest_error_rate}
+        if len(cand) < o.min_records or p >= o.window_alpha:
+            return np.zeros(0, np.int64), test
+        rank = self._rank(win["p_label"][cand], win["agree"][cand])
+        order = np.argsort(-rank, kind="stable")
+        values = rank[order]
+        expected = n * self._rank_null(values)
+        # cut between distinct values only: records ranked alike are named together or not at all
+        last = np.concatenate([values[1:] != values[:-1], [True]])
+        ok = np.flatnonzero(last & (expected <= o.window_fdr * np.arange(1, len(values) + 1)))
+        if len(ok) == 0 or ok[-1] + 1 < o.min_records:
+            return np.zeros(0, np.int64), test
+        cut = int(ok[-1])
+        test.update(named=cut + 1, benign_expected=float(expected[cut]), min_rank=float(values[cut]))
+        return np.sort(cand[order[: cut + 1]]), test
 
     def _label_shift_p(self, counts: np.ndarray) -> float:
         """Chi-square test of a source's label histogram against the reference label prior."""
@@ -521,7 +619,8 @@ class PoisoningDetector(Detector):
 
     def _maybe_emit(self, win: dict[str, Any], src: str, kind: str, sel: np.ndarray, ts: float, final: bool,
                     source_test: dict[str, float] | None, p_window: float,
-                    triggers: list[dict[str, Any]]) -> Finding | None:
+                    triggers: list[dict[str, Any]], excess_test: dict[str, float] | None = None
+                    ) -> Finding | None:
         o = self.opt
         fkey = f"{src}|{kind}"
         last = win["emitted"].get(fkey)
@@ -555,6 +654,8 @@ class PoisoningDetector(Detector):
             evidence["source"] = source_test
         else:
             evidence["window_p"] = p_window
+            if excess_test is not None:
+                evidence["window_excess"] = {key: float(f"{v:.4g}") for key, v in excess_test.items()}
         if kind == "backdoor" and triggers:
             labels = win["label"][sel]
             main = int(np.bincount(labels).argmax())
