@@ -27,6 +27,17 @@ per-query observations. From them, at every ``check_every`` queries:
   reference rate and what the typical client shows right now (a mean over
   clients, each weighing the same), so a drift that moves every client is
   not an extraction.
+- **Too central** (the same share test, kept out of Fisher's combination):
+  queries closer to the centre of the class they are answered as (whitened
+  by the within-class covariance) than all but ``central_rate`` of held-out
+  natural rows of that class. Blends of natural in-task inputs (mixup, the
+  usual way to stretch a small pool of real data into an extraction query
+  set) average the inputs' natural variability away, so far more of them
+  land there; they are neither off the data nor near each other, which is
+  what the other tests look for. Conditioning on the class keeps a client
+  that asks about one class only on that class's own spread, and the test
+  allows for the few held-out rows each radius rests on (beta-binomial).
+  Needs reference labels.
 
 Exact repeats (distance 0) are ignored: they give an attacker no information
 and benign clients retry all the time.
@@ -55,7 +66,7 @@ from detectors._client_slots import ClientSlots, EvictionAlarm, group_ranks
 from detectors._swilk import shapiro_w
 from detectors.base import Detector, DetectorContext, DetectorOptions
 
-_NEAR_DUP, _LOW_MARGIN, _OOD, _OOD_KNOWN, _OFF_REFERENCE = 1, 2, 4, 8, 16
+_NEAR_DUP, _LOW_MARGIN, _OOD, _OOD_KNOWN, _OFF_REFERENCE, _CENTRAL = 1, 2, 4, 8, 16, 32
 
 
 def _w_quantile(w: np.ndarray, q: float) -> float:
@@ -85,17 +96,17 @@ def _spread(rows: torch.Tensor, min_rows: int) -> float | None:
     return float(torch.sqrt((centred * centred).sum(1).mean()))
 
 
-_BITS = (_NEAR_DUP, _LOW_MARGIN, _OOD, _OOD_KNOWN, _OFF_REFERENCE)
-_HAS_BIT = ((np.arange(32)[:, None] & np.array(_BITS)[None, :]) > 0).astype(np.int64)  # [flag value, bit]
+_BITS = (_NEAR_DUP, _LOW_MARGIN, _OOD, _OOD_KNOWN, _OFF_REFERENCE, _CENTRAL)
+_HAS_BIT = ((np.arange(64)[:, None] & np.array(_BITS)[None, :]) > 0).astype(np.int64)  # [flag value, bit]
 
 
 def _bit_counts(flags: np.ndarray) -> dict[int, int]:
     """How many entries of a flag array have each bit set, keyed by the bit (1, 2, 4, ...).
 
     One histogram of the flag values instead of a mask, a cast and a sum per
-    bit: the share tests read five bits of every checked client's window.
+    bit: the share tests read six bits of every checked client's window.
     """
-    per_bit = np.bincount(flags, minlength=32) @ _HAS_BIT
+    per_bit = np.bincount(flags, minlength=64) @ _HAS_BIT
     return dict(zip(_BITS, per_bit.tolist()))
 
 
@@ -173,6 +184,13 @@ class ExtractionDetector(Detector):
         off_reference_rate: float = Field(0.05, gt=0, lt=0.5,
                                           description="share of held-out reference rows allowed beyond the "
                                                       "off-reference radius (the benign rate tested against)")
+        central_rate: float = Field(0.1, gt=0, lt=0.5,
+                                    description="share of held-out reference rows of a class allowed closer to "
+                                                "the class centre than the too-central radius (the benign rate "
+                                                "tested against)")
+        central_dims: int = Field(64, ge=2, le=1024,
+                                  description="inputs with more features are projected on this many principal "
+                                              "components before the class-centre distance")
         ood_p: float = Field(0.01, gt=0, lt=0.5, description="notes['ood_p'] below this counts as out of distribution")
         min_ood_rate: float = Field(0.03, gt=0, lt=1, description="floor of the benign out-of-distribution rate")
         reraise_every: int = Field(1000, ge=1, description="re-raise an ongoing campaign at most every N queries")
@@ -193,6 +211,11 @@ class ExtractionDetector(Detector):
         self.centroids: torch.Tensor | None = None
         self.centroid_sq: torch.Tensor | None = None
         self.off_reference_radius: float = float("inf")
+        self.central_map: torch.Tensor | None = None  # [d, r]: whitening map of the class-centre distance
+        self.central_means: torch.Tensor | None = None  # [k, r]: class centres, mapped
+        self.central_radius: np.ndarray | None = None  # [k]: per class, squared too-central radius (-inf: none)
+        self.central_group: np.ndarray | None = None  # [k]: held-out rows the class's radius came from
+        self.central_beta: np.ndarray | None = None  # [groups, 2]: Beta law of a natural query's hit rate
         self.calibration: dict[str, Any] = {}
         self._reset_runtime()
 
@@ -219,6 +242,7 @@ class ExtractionDetector(Detector):
         nn = nn[np.isfinite(nn)]
         self.dup_radius = float(np.quantile(nn, o.dup_quantile))
         self._fit_reference_cover(reference)
+        self._fit_class_centres(reference)
 
         rng = np.random.default_rng(self.context.seed)
         length = o.history + o.window
@@ -279,6 +303,88 @@ class ExtractionDetector(Detector):
         d = np.sqrt(((cal_part.X[:, None, :] - centroids[None]) ** 2).sum(-1).min(1))
         self._set_centroids(centroids, float(np.quantile(d, 1 - o.off_reference_rate)))
 
+    def _fit_class_centres(self, reference: ReferenceData) -> None:
+        """Whitened distance of a query to its predicted class's centre; per class, the too-central radius.
+
+        Natural inputs of a class scatter around its centre with the class's
+        own variability; a blend of natural inputs (mixup, the usual way to
+        stretch a small pool of in-task data into an extraction query set)
+        averages that variability away and lands closer to a centre than
+        natural inputs do, whichever class it is answered as. The distance is
+        Mahalanobis with the pooled within-class covariance (Ledoit-Wolf
+        shrinkage; on the top ``central_dims`` principal components when the
+        input has more features). Class centres and covariance come from half
+        the reference; on the other half, per class, the radius leaves
+        ``central_rate`` of held-out rows inside it (the class's own rows when
+        it has ``2 / central_rate`` of them, else all held-out rows). Being
+        conditioned on the answered class, a client that asks about one class
+        only is judged against that class's natural spread. Needs labels.
+        """
+        from sklearn.covariance import LedoitWolf
+
+        o = self.opt
+        if reference.y is None:
+            return
+        fit_part, cal_part = reference.split(0.5, seed=self.context.seed)
+        X, y = fit_part.X.astype(np.float64), fit_part.y
+        k = int(reference.y.max()) + 1
+        counts = np.bincount(y, minlength=k)
+        if (counts >= 2).sum() < 2:
+            return
+        mean = X.mean(0)
+        basis = np.eye(X.shape[1])
+        if X.shape[1] > o.central_dims:
+            from sklearn.decomposition import PCA
+
+            r = min(o.central_dims, len(X) - 1)
+            basis = PCA(r, svd_solver="randomized", random_state=self.context.seed).fit(X).components_.T  # [d, r]
+        Z = (X - mean) @ basis
+        centres = np.zeros((k, Z.shape[1]))
+        have = counts >= 2
+        for c in np.flatnonzero(have):
+            centres[c] = Z[y == c].mean(0)
+        keep = have[y]
+        precision = LedoitWolf(assume_centered=True).fit(Z[keep] - centres[y[keep]]).precision_
+        chol = np.linalg.cholesky((precision + precision.T) / 2)  # precision = chol @ chol.T
+        mapping = basis @ chol  # x @ mapping - (centre + mean @ basis) @ chol: the whitened residual
+        means = (centres + mean @ basis) @ chol
+        score = ((cal_part.X.astype(np.float64) @ mapping - means[cal_part.y]) ** 2).sum(1)
+        ok = have[cal_part.y]
+        score, cal_y = score[ok], cal_part.y[ok]
+        # radius: the j-th smallest of m held-out scores, j = floor(rate * (m + 1)); a natural query falls
+        # inside it with a probability that is Beta(j, m + 1 - j) distributed (conformal), which the test
+        # uses so that a class with few held-out rows does not make its own heavy users look blended
+        need = math.ceil(2 / o.central_rate)
+        if len(score) < need:
+            return
+        radius, group = np.full(k, -np.inf), np.full(k, -1, np.int64)
+        beta = [self._order_beta(score, o.central_rate)]  # group 0: all held-out rows
+        for c in np.flatnonzero(have):
+            own = score[cal_y == c]
+            if len(own) >= need:
+                group[c] = len(beta)
+                beta.append(self._order_beta(own, o.central_rate))
+            else:
+                group[c] = 0
+            radius[c] = beta[group[c]][2]
+        self._set_class_centres(mapping, means, radius, group, np.asarray([b[:2] for b in beta], np.float64))
+
+    @staticmethod
+    def _order_beta(score: np.ndarray, rate: float) -> tuple[float, float, float]:
+        """(j, m + 1 - j, radius): the radius is the j-th smallest of the m scores, j = floor(rate (m + 1))."""
+        m = len(score)
+        j = max(1, math.floor(rate * (m + 1)))
+        return float(j), float(m + 1 - j), float(np.partition(score, j - 1)[j - 1])
+
+    def _set_class_centres(self, mapping: np.ndarray, means: np.ndarray, radius: np.ndarray, group: np.ndarray,
+                           beta: np.ndarray) -> None:
+        dev = self.context.device
+        self.central_map = torch.as_tensor(np.asarray(mapping, np.float32), device=dev)
+        self.central_means = torch.as_tensor(np.asarray(means, np.float32), device=dev)
+        self.central_radius = np.asarray(radius, np.float64)
+        self.central_group = np.asarray(group, np.int64)
+        self.central_beta = np.asarray(beta, np.float64)
+
     def _set_centroids(self, centroids: np.ndarray, radius: float) -> None:
         self.centroids = torch.as_tensor(centroids, dtype=torch.float32, device=self.context.device)
         self.centroid_sq = (self.centroids * self.centroids).sum(1)
@@ -287,8 +393,13 @@ class ExtractionDetector(Detector):
     def artifacts(self) -> dict[str, Any]:
         if self.delta is None:
             return {}
-        return {"calibration": dict(self.calibration), "benign_dup_rate": self.benign_dup_rate,
-                "centroids": self.centroids.cpu().numpy(), "off_reference_radius": self.off_reference_radius}
+        out = {"calibration": dict(self.calibration), "benign_dup_rate": self.benign_dup_rate,
+               "centroids": self.centroids.cpu().numpy(), "off_reference_radius": self.off_reference_radius}
+        if self.central_map is not None:
+            out.update(central_map=self.central_map.cpu().numpy(), central_means=self.central_means.cpu().numpy(),
+                       central_radius=self.central_radius, central_group=self.central_group,
+                       central_beta=self.central_beta)
+        return out
 
     def load_artifacts(self, tree: dict[str, Any]) -> None:
         cal = tree["calibration"]
@@ -298,6 +409,9 @@ class ExtractionDetector(Detector):
         self.benign_dup_rate = float(tree["benign_dup_rate"])
         self.min_spread = float(cal["min_spread"])
         self._set_centroids(np.asarray(tree["centroids"], np.float32), float(tree["off_reference_radius"]))
+        if "central_map" in tree:  # artifacts trained before the too-central test lack it: the test stays off
+            self._set_class_centres(tree["central_map"], tree["central_means"], tree["central_radius"],
+                                    tree["central_group"], tree["central_beta"])
 
     # ------------------------------------------------------------ runtime state
     def _reset_runtime(self) -> None:
@@ -327,7 +441,8 @@ class ExtractionDetector(Detector):
         self.win_id = np.empty((0, self.opt.window), object)  # record ids of the window, for findings
         self.batch_rate: dict[str, float] = {}  # this batch's population rate (a drift shows at once)
         self.pop_rate = {"near_duplicates": 0.0, "low_margin": self.opt.low_margin_prior,
-                         "off_reference": self.opt.off_reference_rate, "out_of_distribution": self.opt.min_ood_rate}
+                         "off_reference": self.opt.off_reference_rate, "out_of_distribution": self.opt.min_ood_rate,
+                         "too_central": self.opt.central_rate}
         self.findings_raised = 0
         self._mask_cache: dict[str, torch.Tensor] = {}
 
@@ -429,6 +544,8 @@ class ExtractionDetector(Detector):
             d2c = (x_sq[:, None] + self.centroid_sq[None, :]).sub_(x @ c.T, alpha=2)
             off = torch.sqrt(d2c.min(1).values.clamp_min_(0)).cpu().numpy() > self.off_reference_radius
             flags[off] |= _OFF_REFERENCE
+        if self.central_map is not None:
+            flags[self._too_central(x, batch.labels)] |= _CENTRAL
         ood_p = notes.get("ood_p")
         if ood_p is not None and len(ood_p) == n:
             ood_p = np.asarray(ood_p, dtype=np.float64)
@@ -478,7 +595,8 @@ class ExtractionDetector(Detector):
             return
         w = 1.0 - math.exp(-len(flags) * math.log(2) / self.opt.population_halflife)
         for name, bit, known_bit in (("near_duplicates", _NEAR_DUP, 0), ("low_margin", _LOW_MARGIN, 0),
-                                     ("off_reference", _OFF_REFERENCE, 0), ("out_of_distribution", _OOD, _OOD_KNOWN)):
+                                     ("off_reference", _OFF_REFERENCE, 0), ("out_of_distribution", _OOD, _OOD_KNOWN),
+                                     ("too_central", _CENTRAL, 0)):
             if known_bit:
                 known = (flags & known_bit).astype(bool)
                 if not known.any():
@@ -494,6 +612,27 @@ class ExtractionDetector(Detector):
             typical = float((hits[mask] / denom[mask]).mean())
             self.pop_rate[name] += w * (typical - self.pop_rate[name])
             self.batch_rate[name] = typical
+
+    def _too_central(self, x: torch.Tensor, labels: np.ndarray) -> np.ndarray:
+        """Queries closer to their answered class's centre than all but ``central_rate`` of natural rows.
+
+        Rows without a label, or with one the reference did not have, are never too central.
+        """
+        k = len(self.central_radius)
+        lab = np.asarray(labels, np.int64)
+        known = (lab >= 0) & (lab < k)
+        every = bool(known.all())
+        if not every:
+            if not known.any():
+                return known
+            lab = np.where(known, lab, 0)
+        z = x @ self.central_map
+        if z.device.type == "cpu":  # numpy's gather is a fraction of torch's indexing cost at this size
+            z.sub_(torch.from_numpy(self.central_means.numpy()[lab]))
+        else:
+            z.sub_(self.central_means[torch.as_tensor(lab, device=z.device)])
+        central = (z * z).sum(1).cpu().numpy() < self.central_radius[lab]
+        return central if every else central & known
 
     def _nearest_sq(self, x: torch.Tensor, x_sq: torch.Tensor, slots: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Squared distance of each query to its client's nearest earlier query that it does not repeat.
@@ -657,10 +796,13 @@ class ExtractionDetector(Detector):
         for name, bit, floor in (("near_duplicates", _NEAR_DUP, self.benign_dup_rate),
                                  ("low_margin", _LOW_MARGIN, o.min_low_margin_rate),
                                  ("off_reference", _OFF_REFERENCE, o.off_reference_rate),
-                                 ("out_of_distribution", _OOD, o.min_ood_rate)):
+                                 ("out_of_distribution", _OOD, o.min_ood_rate),
+                                 ("too_central", _CENTRAL, o.central_rate)):
             if name == "low_margin" and self._k is None:
                 continue
             if name == "off_reference" and self.centroids is None:
+                continue
+            if name == "too_central" and self.central_map is None:
                 continue
             total = n
             if name == "out_of_distribution":
@@ -675,11 +817,16 @@ class ExtractionDetector(Detector):
             # the same input), so that signal needs a larger share than the others
             large = (share >= (o.near_dup_min_share if name == "near_duplicates" else o.min_share)
                      and share >= 2 * base)
-            any_large |= large
-            pvalues[name] = p
+            if name == "too_central" and p < o.alpha and large:
+                # also surprising against the reference, given how few held-out rows set each radius
+                p = max(p, self._central_calibration_p(s, hits))
             evidence[name] = {"count": hits, "of": total, "share": share, "baseline": base, "p": p}
             if p < o.alpha and large:
                 reasons[name] = p
+            if name == "too_central":  # points the other way from the rest (blends, not synthetic or
+                continue  # far-off queries): kept out of their combination, which it would only dilute
+            any_large |= large
+            pvalues[name] = p
         # Fisher's combination: several moderately raised signals together are as telling as one
         # strongly raised one (the rates are not independent in general, so this is a heuristic at
         # the same small alpha; it still needs one share above its minimum)
@@ -731,6 +878,25 @@ class ExtractionDetector(Detector):
                      f"({int(self.count[s])} queries in all)"),
             analytic_type="statistical",
         )
+
+    def _central_calibration_p(self, s: int, hits: int) -> float:
+        """P(at least ``hits`` too-central queries in slot s's window) for natural queries.
+
+        Each radius is an order statistic of a finite set of held-out rows, so
+        natural queries of one class fall inside it at a rate that is itself
+        Beta distributed: a class's hits are beta-binomial, independent between
+        classes calibrated on different rows. Their sum's tail, by convolution.
+        """
+        labels = self._filled(self.win_label, s).astype(np.int64)
+        k = len(self.central_group)
+        known = (labels >= 0) & (labels < k)
+        groups = self.central_group[labels[known]]
+        groups = groups[groups >= 0]
+        pmf = np.ones(1)
+        for g, n_g in zip(*np.unique(groups, return_counts=True)):
+            a, b = self.central_beta[g]
+            pmf = np.convolve(pmf, stats.betabinom.pmf(np.arange(n_g + 1), n_g, a, b))
+        return float(min(1.0, pmf[hits:].sum())) if hits < len(pmf) else 0.0
 
     def _classify(self, s: int, reasons: dict[str, Any], flags: np.ndarray) -> tuple[tuple[str, ...], str]:
         """Name the likely technique from the shape of the client's window.
@@ -793,7 +959,7 @@ class ExtractionDetector(Detector):
         for s, q in enumerate(state["ids"]):
             q = list(q)[-W:]  # the newest ends just before win_pos, as in the other window rings
             self.win_id[s, (int(self.win_pos[s]) - len(q) + np.arange(len(q))) % W] = q
-        self.pop_rate = {k: float(v) for k, v in state["pop_rate"].items()}
+        self.pop_rate.update({k: float(v) for k, v in state["pop_rate"].items()})  # older states lack newer tests
         self.batch_rate = {k: float(v) for k, v in state["batch_rate"].items()}
         self.findings_raised = int(state["findings_raised"])
 

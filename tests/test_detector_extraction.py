@@ -214,6 +214,99 @@ def test_throughput_batch_512(fitted: ExtractionDetector, tmp_path) -> None:
     assert eps > 20_000
 
 
+@pytest.fixture(scope="module")
+def digits_model():
+    ds = load("digits")
+    return train_classifier(ds.X_train, ds.y_train, ds.input_shape, CPU, epochs=20)
+
+
+def mixup_traffic(model, n_benign: int = 6000, n_clients: int = 40, n_attack: int = 400, seed: int = 0):
+    """Benign digits traffic plus one client sending blends of natural test rows (mixup), answered by a real model."""
+    ds = load("digits")
+    X, c, ts = benign_traffic(ds, n_benign, n_clients, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    a, b = rng.integers(len(ds.X_test), size=(2, n_attack))
+    lam = rng.uniform(0.2, 0.8, (n_attack, 1)).astype(np.float32)
+    xa = lam * ds.X_test[a] + (1 - lam) * ds.X_test[b]
+    X = np.concatenate([X, xa]).astype(np.float32)
+    ts = np.concatenate([ts, np.sort(rng.uniform(100, 1000, n_attack))])
+    clients = [f"tenant-{i}" for i in c] + ["attacker"] * n_attack
+    order = np.argsort(ts, kind="stable")
+    return X[order], ts[order], [clients[i] for i in order], model.predict_proba(X[order])
+
+
+def test_mixup_of_natural_inputs_caught_benign_quiet(fitted: ExtractionDetector, digits_model, tmp_path) -> None:
+    """Blends of natural in-task inputs are neither off the data nor near each other, and most are answered
+    confidently; they are caught because far more of them sit close to their class's centre than natural
+    inputs do."""
+    det = fresh_from(fitted, tmp_path)
+    findings = run(det, mixup_traffic(digits_model))
+    assert {f.actor for f in findings} == {"attacker"}, [(f.actor, f.evidence["reasons"]) for f in findings]
+    first = findings[0]
+    assert "too_central" in first.evidence["reasons"]
+    assert first.evidence["queries_at_first_detection"] <= 300
+    assert first.evidence["pattern"] == "extraction" and first.attacks[0] == "AML.T0024.002"
+    assert first.evidence["too_central"]["share"] >= 3 * det.opt.central_rate
+
+
+def test_too_central_is_calibrated_per_class(fitted: ExtractionDetector) -> None:
+    """Held-out natural rows of every class are too central at about central_rate (a client asking about one
+    class only is judged on that class's spread); mixups of them are more than twice as often."""
+    ds = load("digits")
+    rate = fitted.opt.central_rate
+    hit = fitted._too_central(torch.as_tensor(ds.X_test), ds.y_test)
+    per_class = np.array([hit[ds.y_test == c].mean() for c in range(10)])
+    assert abs(hit.mean() - rate) < 0.05 and per_class.max() < 2.5 * rate, per_class
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(len(ds.X_test), size=(2, 2000))
+    lam = rng.uniform(0.2, 0.8, (2000, 1)).astype(np.float32)
+    blend = torch.as_tensor(lam * ds.X_test[a] + (1 - lam) * ds.X_test[b])
+    answered = np.where(lam[:, 0] >= 0.5, ds.y_test[a], ds.y_test[b])
+    assert fitted._too_central(blend, answered).mean() > 2 * rate
+    unknown = fitted._too_central(blend, np.full(2000, -1))  # no label, or one the reference never had
+    assert not unknown.any() and not fitted._too_central(blend, np.full(2000, 10)).any()
+
+
+def test_too_central_allows_for_few_calibration_rows(fitted: ExtractionDetector, tmp_path) -> None:
+    """A window of one class is tested beta-binomially against the few held-out rows its radius rests on,
+    whose upper tail is heavier than the plain binomial's at the same rate."""
+    det = fresh_from(fitted, tmp_path)
+    ds = load("digits")
+    X = ds.X_test[ds.y_test == 8][:40]
+    X = np.concatenate([X, 0.5 * (X[:20] + X[20:])])  # 60 distinct queries answered as 8s, many central
+    probs = np.eye(10, dtype=np.float32)[np.full(len(X), 8)]
+    run(det, (X, np.arange(len(X), dtype=float), ["one-class"] * len(X), probs))
+    s = int(det.slots.assign(["one-class"])[0][0])
+    labels = det._filled(det.win_label, s)
+    n = len(labels)
+    group = det.central_group[labels[labels >= 0]]
+    assert len(np.unique(group)) == 1
+    a, b = det.central_beta[group[0]]
+    for hits in (5, 15, 30):
+        p = det._central_calibration_p(s, hits)
+        assert p == pytest.approx(stats.betabinom.sf(hits - 1, n, a, b), rel=1e-6)
+        if hits > 2 * n * a / (a + b):  # the tail the test uses: heavier than the binomial's
+            assert p > stats.binom.sf(hits - 1, n, a / (a + b))
+
+
+def test_too_central_needs_labels_and_old_artifacts_load(fitted: ExtractionDetector, tmp_path) -> None:
+    """Reference data without labels, or artifacts trained before the test existed: the test is off, the
+    others run as before."""
+    ds = load("digits")
+    det = ExtractionDetector(ExtractionDetector.Options(prada_simulations=100),
+                             DetectorContext(device=CPU, input_shape=ds.input_shape, n_classes=10))
+    det.fit(ReferenceData(ds.X_train, None, ds.input_shape))
+    assert det.central_map is None and "central_map" not in det.artifacts()
+    old = {k: v for k, v in fitted.artifacts().items() if not k.startswith("central_")}
+    save_tree(tmp_path / "old.npz", old)
+    new = ExtractionDetector(ExtractionDetector.Options(), DetectorContext(device=CPU, input_shape=ds.input_shape,
+                                                                          n_classes=10))
+    new.load_artifacts(load_tree(tmp_path / "old.npz"))
+    findings = run(new, traffic(n_benign=2000, attack="uniform", n_attack=400))
+    assert new.central_map is None and {f.actor for f in findings} == {"attacker"}
+    assert all("too_central" not in f.evidence for f in findings)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_matches_cpu(fitted: ExtractionDetector, tmp_path) -> None:
     data = traffic(attack="membership")
