@@ -214,8 +214,8 @@ class ExtractionDetector(Detector):
         self.central_map: torch.Tensor | None = None  # [d, r]: whitening map of the class-centre distance
         self.central_means: torch.Tensor | None = None  # [k, r]: class centres, mapped
         self.central_radius: np.ndarray | None = None  # [k]: per class, squared too-central radius (-inf: none)
-        self.central_group: np.ndarray | None = None  # [k]: held-out rows the class's radius came from
-        self.central_beta: np.ndarray | None = None  # [groups, 2]: Beta law of a natural query's hit rate
+        self.central_group: np.ndarray | None = None  # [k]: row of central_beta for the class (-1: untested)
+        self.central_beta: np.ndarray | None = None  # [tested classes, 2]: Beta law of a natural query's hit rate
         self.calibration: dict[str, Any] = {}
         self._reset_runtime()
 
@@ -315,8 +315,7 @@ class ExtractionDetector(Detector):
         shrinkage; on the top ``central_dims`` principal components when the
         input has more features). Class centres and covariance come from half
         the reference; on the other half, per class, the radius leaves
-        ``central_rate`` of held-out rows inside it (the class's own rows when
-        it has ``2 / central_rate`` of them, else all held-out rows). Being
+        ``central_rate`` of the class's held-out rows inside it. Being
         conditioned on the answered class, a client that asks about one class
         only is judged against that class's natural spread. Needs labels.
         """
@@ -351,29 +350,26 @@ class ExtractionDetector(Detector):
         score = ((cal_part.X.astype(np.float64) @ mapping - means[cal_part.y]) ** 2).sum(1)
         ok = have[cal_part.y]
         score, cal_y = score[ok], cal_part.y[ok]
-        # radius: the j-th smallest of m held-out scores, j = floor(rate * (m + 1)); a natural query falls
-        # inside it with a probability that is Beta(j, m + 1 - j) distributed (conformal), which the test
-        # uses so that a class with few held-out rows does not make its own heavy users look blended
-        need = math.ceil(2 / o.central_rate)
-        if len(score) < need:
-            return
-        radius, group = np.full(k, -np.inf), np.full(k, -1, np.int64)
-        beta = [self._order_beta(score, o.central_rate)]  # group 0: all held-out rows
+        # radius: the j-th smallest of a class's m held-out scores, j = floor(rate * (m + 1)); a natural query
+        # falls inside it with a probability that is Beta(j, m + 1 - j) distributed (conformal), which the
+        # test uses so that a class with few held-out rows does not make its own heavy users look blended.
+        # A class with too few rows for j >= 1 cannot place a radius at this rate: its queries are not tested
+        radius, group, beta = np.full(k, -np.inf), np.full(k, -1, np.int64), []
         for c in np.flatnonzero(have):
             own = score[cal_y == c]
-            if len(own) >= need:
+            if math.floor(o.central_rate * (len(own) + 1)) >= 1:
                 group[c] = len(beta)
                 beta.append(self._order_beta(own, o.central_rate))
-            else:
-                group[c] = 0
-            radius[c] = beta[group[c]][2]
+                radius[c] = beta[-1][2]
+        if not beta:
+            return
         self._set_class_centres(mapping, means, radius, group, np.asarray([b[:2] for b in beta], np.float64))
 
     @staticmethod
     def _order_beta(score: np.ndarray, rate: float) -> tuple[float, float, float]:
         """(j, m + 1 - j, radius): the radius is the j-th smallest of the m scores, j = floor(rate (m + 1))."""
         m = len(score)
-        j = max(1, math.floor(rate * (m + 1)))
+        j = math.floor(rate * (m + 1))
         return float(j), float(m + 1 - j), float(np.partition(score, j - 1)[j - 1])
 
     def _set_class_centres(self, mapping: np.ndarray, means: np.ndarray, radius: np.ndarray, group: np.ndarray,

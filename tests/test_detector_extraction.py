@@ -291,12 +291,17 @@ def test_too_central_allows_for_few_calibration_rows(fitted: ExtractionDetector,
 
 def test_too_central_needs_labels_and_old_artifacts_load(fitted: ExtractionDetector, tmp_path) -> None:
     """Reference data without labels, or artifacts trained before the test existed: the test is off, the
-    others run as before."""
+    others run as before; so it is for a class with too few held-out rows."""
     ds = load("digits")
     det = ExtractionDetector(ExtractionDetector.Options(prada_simulations=100),
                              DetectorContext(device=CPU, input_shape=ds.input_shape, n_classes=10))
     det.fit(ReferenceData(ds.X_train, None, ds.input_shape))
     assert det.central_map is None and "central_map" not in det.artifacts()
+    # a class with too few held-out rows to place a radius leaving central_rate inside is not tested
+    few = np.flatnonzero(ds.y_train != 3).tolist() + np.flatnonzero(ds.y_train == 3)[:6].tolist()
+    det.fit(ReferenceData(ds.X_train[few], ds.y_train[few], ds.input_shape))
+    assert det.central_group[3] == -1 and det.central_radius[3] == -np.inf and (det.central_group >= 0).sum() == 9
+    assert not det._too_central(torch.as_tensor(ds.X_test), np.full(len(ds.X_test), 3)).any()
     old = {k: v for k, v in fitted.artifacts().items() if not k.startswith("central_")}
     save_tree(tmp_path / "old.npz", old)
     new = ExtractionDetector(ExtractionDetector.Options(), DetectorContext(device=CPU, input_shape=ds.input_shape,
