@@ -109,7 +109,9 @@ class PoisoningDetector(Detector):
                                                     "~2% honest mistakes x confusion_pass, plus record_fpr")
         honest_error_rate: float = Field(0.03, gt=0, lt=0.5,
                                          description="share of labels a benign source may get wrong (the rate "
-                                                     "its weakly implausible labels are tested against)")
+                                                     "a source's or a window's weakly implausible labels are "
+                                                     "tested against, and the honest-mistake share of the "
+                                                     "benign null that window_fdr is read from)")
         alpha: float = Field(1e-4, gt=0, lt=0.05,
                              description="significance of each per-source test (one per source and window)")
         window_alpha: float = Field(1e-3, gt=0, lt=0.05,
