@@ -30,6 +30,13 @@ so that the detector is not tied to one attack's fingerprint:
 11. log Mahalanobis distance of the input to the reference rows (shrunk
     covariance, standardised space): perturbations break the correlations
     between features that natural rows keep (tabular rows above all).
+12. log of the logit margin: minimal-perturbation attacks (DeepFool,
+    Carlini-Wagner, a black-box search that stops at the first flip) end on
+    the decision boundary, closer to it than almost all natural inputs. The
+    linear margin (1) cannot say so without also calling every confident
+    answer clean; on a log scale one weight covers "on the boundary" while
+    confident answers differ little. Measured on digits over six detector
+    seeds: DeepFool TPR 0.70 -> 0.91, every other attack unchanged.
 
 Cost and defaults: each squeezer and each noise copy is one more model pass per
 record. Measured on digits and tabular with an honest (validation) reference,
@@ -52,10 +59,10 @@ from typing import Any
 import numpy as np
 import torch
 
-N_FEATURES = 12
+N_FEATURES = 13
 FEATURE_NAMES = ("log_1m_maxprob", "logit_margin", "squeeze_a_l1", "squeeze_b_l1", "noise_l1",
                  "noise_pred_prob", "logit_mahalanobis", "pca_residual", "entropy", "knn_agreement",
-                 "knn_distance", "input_mahalanobis")
+                 "knn_distance", "input_mahalanobis", "log_logit_margin")
 MAX_NEIGHBOURS = 2000
 
 
@@ -81,6 +88,7 @@ class FeatureSpec:
     bits: int
     second_squeezer: bool = True  # False: feature 3 repeats feature 2 (one model pass fewer per record)
     first_squeezer: bool = True  # False: no bit-depth squeezing either (feature 2 is 0)
+    n_features: int = N_FEATURES  # features the scorer reads: 12 for detectors fitted before feature 12 existed
 
     def to_tree(self) -> dict[str, Any]:
         return {"input_shape": list(self.input_shape), "lo": self.lo, "hi": self.hi, "mean": self.mean,
@@ -88,7 +96,7 @@ class FeatureSpec:
                 "logit_prec": self.logit_prec, "knn_points": self.knn_points, "knn_onehot": self.knn_onehot,
                 "knn_scale": self.knn_scale, "knn_tau": self.knn_tau, "whitening": self.whitening,
                 "image": self.image, "bits": self.bits, "second_squeezer": self.second_squeezer,
-                "first_squeezer": self.first_squeezer}
+                "first_squeezer": self.first_squeezer, "n_features": self.n_features}
 
     @classmethod
     def from_tree(cls, tree: dict[str, Any]) -> FeatureSpec:
@@ -96,7 +104,7 @@ class FeatureSpec:
             "lo", "hi", "mean", "std", "pca", "noise", "logit_means", "logit_prec", "knn_points", "knn_onehot",
             "knn_scale")), float(tree["knn_tau"]), np.asarray(tree["whitening"], np.float32), bool(tree["image"]),
             int(tree["bits"]), bool(tree.get("second_squeezer", True)),
-            bool(tree.get("first_squeezer", True)))
+            bool(tree.get("first_squeezer", True)), int(tree.get("n_features", 12)))
 
 
 def is_image(input_shape: tuple[int, ...]) -> bool:
@@ -146,6 +154,18 @@ class FeatureExtractor:
 
     def __call__(self, x: torch.Tensor, record_probs: torch.Tensor | None = None) -> torch.Tensor:
         """Features [n, N_FEATURES]; ``record_probs`` (rows may be NaN) overrides the model's own answer."""
+        return self.features_and_margin(x, record_probs)[0]
+
+    def features_and_margin(self, x: torch.Tensor, record_probs: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The features and the model's logit margin (top-1 minus top-2), from the same model pass.
+
+        The margin is the boundary statistic: minimal-perturbation attacks
+        (DeepFool, Carlini-Wagner, a black-box search that stops at the first
+        flip) end right on the decision boundary, closer to it than almost all
+        natural inputs. Logits, not the answer's probabilities: a softmax
+        squashes the margins of confident rows together and rounds small ones.
+        """
         n = len(x)
         n_noise = len(self.noise)
         variants = [x, self._squeeze_a(x)] if self.spec.first_squeezer else [x]
@@ -187,8 +207,9 @@ class FeatureExtractor:
             vote.gather(1, pred[:, None])[:, 0],
             0.5 * torch.log(d2.min(1).values + 1e-6 * self.spec.knn_tau),
             torch.log1p((xs @ self.whitening).pow(2).sum(1)),
+            torch.log(top2[:, 0] - top2[:, 1] + 1e-3),
         ]
-        return torch.stack(feats, dim=1)
+        return torch.stack(feats[: self.spec.n_features], dim=1), feats[1]
 
 
 def fit_spec(X: np.ndarray, input_shape: tuple[int, ...], logits_fn, device: torch.device, n_noise: int,
