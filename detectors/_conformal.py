@@ -65,6 +65,19 @@ class ConformalCalibrator:
         p = np.where(np.isnan(scores), 1.0, p)
         return p
 
+    def smooth_pvalues(self, scores: np.ndarray) -> np.ndarray:
+        """``pvalues`` with the rank interpolated between neighbouring calibration scores: continuous, for ranking.
+
+        Not for thresholds (use ``rank_pvalues``): it exists so that rows inside
+        the calibration range do not tie when they are ranked against each other.
+        """
+        scores = np.asarray(scores, dtype=np.float64)
+        n = len(self.sorted_scores)
+        below = np.interp(scores, self.sorted_scores, np.arange(n, dtype=np.float64))
+        inside = (1.0 + n - below) / (n + 1.0)  # 1 at the lowest calibration score, 2/(n+1) at the highest
+        p = np.where(scores > self.sorted_scores[-1], self.pvalues(scores), inside)  # past them: the Pareto tail
+        return np.where(np.isnan(scores), 1.0, p)
+
     def rank_pvalues(self, scores: np.ndarray) -> np.ndarray:
         """Plain conformal p-values, floored at 1/(n+1): exact validity, used for sequential tests."""
         scores = np.asarray(scores, dtype=np.float64)
@@ -172,14 +185,14 @@ class MinPCalibrator:
         return np.where(np.isnan(stats).any(1), 1.0, p)
 
     def tail_score(self, stats: np.ndarray) -> np.ndarray:
-        """A continuous "how anomalous" per row: -log of the smallest tail-extrapolated p-value.
+        """A continuous "how anomalous" per row: -log of the smallest interpolated, tail-extrapolated p-value.
 
-        Rank p-values tie for every row beyond all calibration rows; ranking
-        rows *against each other* (say, within shifted traffic) needs the
-        Pareto tail that keeps going past the data.
+        Rank p-values tie between neighbouring calibration scores and for every
+        row beyond them all; ranking rows *against each other* (within shifted
+        traffic, or for a ROC curve) needs a score that keeps moving.
         """
         stats = np.asarray(stats, dtype=np.float64)
-        p = np.min([c.pvalues(stats[:, j]) for j, c in enumerate(self.parts)], axis=0)
+        p = np.min([c.smooth_pvalues(stats[:, j]) for j, c in enumerate(self.parts)], axis=0)
         return -np.log(np.maximum(p, 1e-300))
 
     def to_tree(self) -> dict[str, Any]:

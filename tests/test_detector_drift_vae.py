@@ -303,3 +303,16 @@ def test_min_p_calibrator_holds_its_false_positive_rate_and_resolves_single_extr
     back = MinPCalibrator.from_tree(cal.to_tree())
     q = normal_rows(100)
     np.testing.assert_array_equal(back.rank_pvalues(q), cal.rank_pvalues(q))
+
+
+def test_smooth_pvalues_rank_rows_inside_the_calibration_range_without_ties() -> None:
+    """For ranking (ROC curves, rows within shifted traffic): strictly falling where rank p-values step."""
+    cal = ConformalCalibrator.fit(np.arange(1.0, 101.0))
+    s = np.linspace(0.0, 150.0, 601)
+    p = cal.smooth_pvalues(s)
+    assert (np.diff(p) <= 0).all()
+    inside = (s > 1.0) & (s < 100.0)
+    assert len(np.unique(p[inside])) == inside.sum(), "no ties between calibration scores"
+    assert len(np.unique(cal.rank_pvalues(s[inside]))) < inside.sum() / 3
+    np.testing.assert_allclose(cal.smooth_pvalues(np.array([50.0, 100.0])), cal.rank_pvalues(np.array([50.0, 100.0])))
+    np.testing.assert_array_equal(cal.smooth_pvalues(np.array([120.0])), cal.pvalues(np.array([120.0])))

@@ -175,9 +175,10 @@ def _evaluate_dataset(name: str, device: torch.device, quick: bool, seed: int = 
     benign_truth = _benign_labels(ds, Xb)
     benign_wrong[benign_idx] = Xb_pred != benign_truth
     campaigns = {f.actor: f for f in findings if f.title.startswith("Client")}
-    # threshold-free view, comparable with published AUROCs: raw detector scores, benign vs each variant
+    # threshold-free view, comparable with published AUROCs: the score over every test, benign vs each variant
     X_all, probs_all = np.concatenate(stream.X), np.concatenate(stream.probs)
-    raw = np.concatenate([det.score(X_all[i : i + 4096], probs_all[i : i + 4096]) for i in range(0, len(X_all), 4096)])
+    raw = np.concatenate([det.anomaly_score(X_all[i : i + 4096], probs_all[i : i + 4096])
+                          for i in range(0, len(X_all), 4096)])
     benign_raw = raw[benign]
     at_1pct = float(np.quantile(benign_raw, 0.99))
     for variant, row in variants.items():
@@ -242,3 +243,49 @@ def evaluate(device: torch.device, quick: bool = False) -> dict[str, Any]:
                     "tabular set, output-only features",
         },
     }
+
+
+def seed_spread(name: str, seeds: list[int], options: dict[str, Any] | None = None,
+                device: torch.device | None = None) -> list[dict[str, float]]:
+    """Calibrated TPR and FPR per *detector* seed: how much one split of a small reference moves the figures.
+
+    The deployment (model, reference, test rows, attacks) is the eval's seed-0
+    one; only the detector's own split of the reference into statistics,
+    training and calibration rows changes with the seed. Benign rows are the
+    unique test rows (each counted once, not the eval's 30,000 draws of them).
+    """
+    dev = device or torch.device("cpu")
+    ds = data.load(name)
+    X_model, y_model, X_ref, y_ref = split_for_deployment(ds, 0)
+    torch.manual_seed(0)
+    model = train_classifier(X_model, y_model, ds.input_shape, dev, epochs=60, seed=0)
+    model.is_surrogate = False
+    for p in model.module.parameters():
+        p.requires_grad_(False)
+    pick = np.random.default_rng(7).permutation(len(ds.X_test))
+    Xs, ys = ds.X_test[pick], ds.y_test[pick]
+    correct = model.predict_proba(Xs).argmax(1) == ys
+    Xs, ys = Xs[correct], ys[correct]
+    attacks_ok = {}
+    for variant, adv in _craft(model, ds, Xs, ys, 0).items():
+        attacks_ok[variant] = adv[model.predict_proba(adv).argmax(1) != ys]
+    rows = []
+    for s in seeds:
+        det = AdversarialDetector(AdversarialDetector.Options(**(options or {})),
+                                  DetectorContext(dev, ds.input_shape, ds.n_classes, model, seed=s))
+        det.fit(ReferenceData(X_ref, y_ref, ds.input_shape))
+        row = {"seed": s, "fpr": float((det.pvalues(ds.X_test) <= det.opts.fpr).mean())}
+        for variant, adv in attacks_ok.items():
+            row[variant] = float((det.pvalues(adv) <= det.opts.fpr).mean())
+        rows.append(row)
+    return rows
+
+
+if __name__ == "__main__":  # python -m agent.scenarios.evasion digits 0,1,2,3,4,5 [boundary_test]
+    import sys
+
+    spread = seed_spread(sys.argv[1], [int(s) for s in sys.argv[2].split(",")],
+                         {"boundary_test": True} if "boundary_test" in sys.argv[3:] else None)
+    for key in spread[0]:
+        values = [r[key] for r in spread]
+        print(f"{key:28s} " + " ".join(f"{v:.3f}" for v in values) + f"   mean {np.mean(values):.3f}")
