@@ -74,8 +74,10 @@ class ConformalCalibrator:
         scores = np.asarray(scores, dtype=np.float64)
         n = len(self.sorted_scores)
         below = np.interp(scores, self.sorted_scores, np.arange(n, dtype=np.float64))
-        inside = (1.0 + n - below) / (n + 1.0)  # 1 at the lowest calibration score, 2/(n+1) at the highest
-        p = np.where(scores > self.sorted_scores[-1], self.pvalues(scores), inside)  # past them: the Pareto tail
+        p = (1.0 + n - below) / (n + 1.0)  # 1 at the lowest calibration score, 2/(n+1) at the highest
+        beyond = scores > self.sorted_scores[-1]
+        if beyond.any():  # past them all: the Pareto tail
+            p[beyond] = self.pvalues(scores[beyond])
         return np.where(np.isnan(scores), 1.0, p)
 
     def rank_pvalues(self, scores: np.ndarray) -> np.ndarray:
@@ -129,7 +131,7 @@ class MinPCalibrator:
     parts: tuple[ConformalCalibrator, ...]
     stats: np.ndarray  # [n, m] float64: the calibration rows' statistics, row by row
 
-    EXACT_BELOW = 0.1  # p-values up to this are computed exactly; above it, the cheap conservative bound
+    EXACT_BELOW = 0.05  # p-values up to this are computed exactly; above it, the cheap conservative bound
 
     @classmethod
     def fit(cls, stats: np.ndarray) -> MinPCalibrator:
@@ -151,11 +153,14 @@ class MinPCalibrator:
                          for j, c in enumerate(self.parts)], axis=1)
 
     @property
-    def _calibration_ranks(self) -> np.ndarray:
-        """[n, m]: each calibration row's rank among the calibration rows (itself included), per statistic."""
+    def _calibration_ranks(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each calibration row's rank among the calibration rows (itself included) per statistic [n, m], the
+        rows' best ranks sorted, and the rows in that order; computed once (the hot path only looks them up)."""
         cached = self.__dict__.get("_ranks")
         if cached is None:
-            cached = self._counts_ge(self.stats)
+            ranks = self._counts_ge(self.stats)
+            order = np.argsort(ranks.min(1), kind="stable")
+            cached = (ranks, ranks.min(1)[order], order)
             object.__setattr__(self, "_ranks", cached)
         return cached
 
@@ -165,17 +170,15 @@ class MinPCalibrator:
         if len(self.parts) == 1:
             return self.parts[0].rank_pvalues(stats[:, 0])
         n = len(self.stats)
-        ranks = self._calibration_ranks  # [n, m]
+        ranks, best, order = self._calibration_ranks
         own = 1 + self._counts_ge(np.nan_to_num(stats, nan=-np.inf)).min(1)  # the test row's best rank
         # a calibration row counts when its best rank, with the test row among the ranks, is no worse than the
         # test row's: A_ij + [s_j >= c_ij] <= own for some statistic j. Cheap bound first: without the
         # test row's term (A_ij <= own) every counted row is found, plus at most one per statistic (ties
         # aside), a conservative p-value; it is made exact where it can decide an alarm (p <= EXACT_BELOW).
-        best = np.sort(ranks.min(1))
         count = np.searchsorted(best, own, side="right")
         exact = np.flatnonzero((1.0 + count) / (n + 1.0) <= self.EXACT_BELOW)
         if len(exact):
-            order = np.argsort(ranks.min(1), kind="stable")
             for chunk in np.array_split(exact, max(1, len(exact) // 256)):
                 cand = order[: int(count[chunk].max())]  # only rows the cheap bound counted can count
                 bump = stats[chunk][:, None, :] >= self.stats[cand][None]  # [rows, cand, m]
