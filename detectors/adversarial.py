@@ -364,20 +364,15 @@ class AdversarialDetector(Detector):
     def _features_t(self, x: torch.Tensor, record_probs: torch.Tensor | None) -> torch.Tensor:
         return self.extractor()(x, record_probs)
 
-    def score_tensor(self, x: torch.Tensor, record_probs: torch.Tensor | None = None) -> torch.Tensor:
-        """Differentiable detector logit (higher = more adversarial); used by detector-aware attacks too."""
+    def _logit(self, feats: torch.Tensor) -> torch.Tensor:
+        """The learned scorer's logit for features (standardised as in fit)."""
         dev = self.context.device
-        z = (self._features_t(x, record_probs) - torch.as_tensor(self.feat_mean, device=dev)) / torch.as_tensor(
-            self.feat_std, device=dev)
+        z = (feats - torch.as_tensor(self.feat_mean, device=dev)) / torch.as_tensor(self.feat_std, device=dev)
         return self.scorer(z)[:, 0]
 
-    def score(self, X: np.ndarray, probs: np.ndarray | None = None) -> np.ndarray:
-        """Detector logit per row, one batched torch call."""
-        dev = self.context.device
-        with torch.inference_mode():
-            x = torch.as_tensor(np.asarray(X, np.float32), device=dev)
-            rp = None if probs is None else torch.as_tensor(np.asarray(probs, np.float32), device=dev)
-            return self.score_tensor(x, rp).double().cpu().numpy()
+    def score_tensor(self, x: torch.Tensor, record_probs: torch.Tensor | None = None) -> torch.Tensor:
+        """Differentiable detector logit (higher = more adversarial); used by detector-aware attacks too."""
+        return self._logit(self._features_t(x, record_probs))
 
     def statistics(self, X: np.ndarray, probs: np.ndarray | None = None) -> np.ndarray:
         """Test statistics per row [n, 1 or 2], higher = more adversarial, from one batched model pass.
@@ -390,8 +385,7 @@ class AdversarialDetector(Detector):
             x = torch.as_tensor(np.asarray(X, np.float32), device=dev)
             rp = None if probs is None else torch.as_tensor(np.asarray(probs, np.float32), device=dev)
             feats, margin = self.extractor().features_and_margin(x, rp)
-            z = (feats - torch.as_tensor(self.feat_mean, device=dev)) / torch.as_tensor(self.feat_std, device=dev)
-            cols = [self.scorer(z)[:, 0]] + ([-margin] if self.opts.boundary_test else [])
+            cols = [self._logit(feats)] + ([-margin] if self.opts.boundary_test else [])
             return torch.stack(cols, dim=1).double().cpu().numpy()
 
     def pvalues(self, X: np.ndarray, probs: np.ndarray | None = None) -> np.ndarray:

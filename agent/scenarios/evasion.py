@@ -97,15 +97,21 @@ def _detector_aware(model: WatchedModel, det: AdversarialDetector, ds: data.Data
     return adv.detach().cpu().numpy()
 
 
-def _evaluate_dataset(name: str, device: torch.device, quick: bool, seed: int = 0,
-                      options: dict[str, Any] | None = None) -> dict[str, Any]:
-    ds = data.load(name)
-    started = time.perf_counter()
+def _deploy(ds: data.Dataset, device: torch.device, seed: int) -> tuple[WatchedModel, np.ndarray, np.ndarray]:
+    """The monitored model, trained on one part of ``X_train``, and the reference rows it never saw."""
     X_model, y_model, X_ref, y_ref = split_for_deployment(ds, seed)
     model = train_classifier(X_model, y_model, ds.input_shape, device, epochs=60, seed=seed)
     model.is_surrogate = False  # the team's own model, given with `train --model`: it never saw the reference
     for p in model.module.parameters():
         p.requires_grad_(False)
+    return model, X_ref, y_ref
+
+
+def _evaluate_dataset(name: str, device: torch.device, quick: bool, seed: int = 0,
+                      options: dict[str, Any] | None = None) -> dict[str, Any]:
+    ds = data.load(name)
+    started = time.perf_counter()
+    model, X_ref, y_ref = _deploy(ds, device, seed)
     det = AdversarialDetector(AdversarialDetector.Options(**(options or {})),
                               DetectorContext(device, ds.input_shape, ds.n_classes, model, seed=seed))
     det.fit(ReferenceData(X_ref, y_ref, ds.input_shape))
@@ -256,12 +262,7 @@ def seed_spread(name: str, seeds: list[int], options: dict[str, Any] | None = No
     """
     dev = device or torch.device("cpu")
     ds = data.load(name)
-    X_model, y_model, X_ref, y_ref = split_for_deployment(ds, 0)
-    torch.manual_seed(0)
-    model = train_classifier(X_model, y_model, ds.input_shape, dev, epochs=60, seed=0)
-    model.is_surrogate = False
-    for p in model.module.parameters():
-        p.requires_grad_(False)
+    model, X_ref, y_ref = _deploy(ds, dev, 0)
     pick = np.random.default_rng(7).permutation(len(ds.X_test))
     Xs, ys = ds.X_test[pick], ds.y_test[pick]
     correct = model.predict_proba(Xs).argmax(1) == ys
