@@ -20,9 +20,16 @@ What to pass as reference (``inferwatch train --reference DATA``): held-out
 have them. The calibration set must contain the model's natural mistakes on
 unfamiliar inputs; rows the model trained on make it look never wrong, and its
 natural errors on new traffic then look like minimal adversarial examples
-(measured: FPR 0.018 instead of 0.01 on digits). ``fit`` splits the reference
-itself into three disjoint parts: normal-data statistics (neighbours, PCA),
-scorer training, and calibration (``holdout``). When no model is given,
+(measured: FPR 0.018 instead of 0.01 on digits). ``fit`` keeps ``holdout`` of
+the reference apart for calibration and cross-fits on the rest: cut in two,
+each half is attacked and measured against normal-data statistics
+(neighbours, PCA, whitening) fitted on the other half, so the scorer learns
+from every non-calibration row without any row being measured against
+statistics that contain it; the deployed statistics use both halves.
+Measured over ten detector seeds on digits (``python -m
+agent.scenarios.evasion digits 0,...,9``), against one fixed three-way split:
+FGSM TPR 0.90 -> 1.00 (worst seed 0.56 -> 0.98), weak PGD-L∞ 0.65 -> 0.94,
+PGD-L2 0.39 -> 0.54, at the same FPR. When no model is given,
 ``train`` fits a surrogate on the whole reference; ``fit`` then trains a twin
 surrogate (same recipe) without the calibration rows and fits against it, so
 the calibration rows are unseen by the model they are scored with.
@@ -115,8 +122,9 @@ class AdversarialDetector(Detector):
         holdout: float = Field(0.5, gt=0.05, lt=0.9,
                                description="share of reference rows kept clean and unseen to calibrate p-values")
         train_share: float = Field(0.45, gt=0.1, lt=0.9,
-                                   description="share of the non-calibration reference rows the detector is "
-                                               "trained on (the rest fit the normal-data statistics)")
+                                   description="where the non-calibration reference rows are cut in two for "
+                                               "cross-fitting (each part is trained on, measured against "
+                                               "normal-data statistics of the other part)")
         linf_eps: list[float] = Field([0.35, 0.7],
                                       description="L∞ attack strengths used in fit, in units of the reference "
                                                   "data's RMS per-feature standard deviation")
@@ -235,9 +243,6 @@ class AdversarialDetector(Detector):
     def _fit(self, reference: ReferenceData, fit_part: ReferenceData, cal_part: ReferenceData) -> None:
         model = self._model()
         dev = self.context.device
-        # three disjoint parts: normal-data statistics (neighbours, PCA), detector training, calibration.
-        # Features of a row must never be measured against statistics that contain the row itself.
-        spec_part, fit_part = fit_part.split(self.opts.train_share, seed=self.context.seed + 1)
         n_cal = len(cal_part.X) * (3 if self.opts.calibration_jitter > 0 else 1)
         boundary_note = "on" if self.opts.boundary_test else "off (option)"
         if self.opts.boundary_test and not MinPCalibrator.resolves(n_cal, 2, self.opts.fpr):
@@ -246,42 +251,20 @@ class AdversarialDetector(Detector):
                              f"(needs {int(np.ceil(2 / self.opts.fpr)) - 1}); give more reference rows")
             log.warning("adversarial: boundary test %s", boundary_note)
             self.opts = self.opts.model_copy(update={"boundary_test": False})
-        self.spec = fit_spec(spec_part.X, reference.input_shape, model.logits, dev, self.opts.noise_copies,
-                             self.opts.noise_scale, self.opts.squeeze_bits, self.opts.pca_variance,
-                             self.context.seed, self.opts.second_squeezer,
-                             self.opts.squeeze)
-        self._extractor = None
-        X = torch.as_tensor(fit_part.X, dtype=torch.float32, device=dev)
-        with torch.no_grad():
-            y = model.logits(X).argmax(1)
         lo, hi = float(reference.X.min()), float(reference.X.max())
-        rms = float(np.sqrt((reference.X.std(0) ** 2).mean()))
-        l2_unit = rms * np.sqrt(reference.dim)
-        crafted: list[torch.Tensor] = []
-        made: dict[str, int] = {}
-        for i, eps in enumerate(self.opts.linf_eps):
-            for name, adv in (
-                (f"fgsm_{eps}", attacks.fgsm(model.logits, X, y, eps * rms, lo, hi)),
-                (f"pgd_linf_{eps}", attacks.pgd_linf(model.logits, X, y, eps * rms, lo, hi,
-                                                     self.opts.pgd_steps, seed=self.context.seed + i)),
-            ):
-                crafted.append(self._successful(model, adv, y, made, name))
-        for i, eps in enumerate(self.opts.l2_eps):
-            adv = attacks.pgd_l2(model.logits, X, y, eps * l2_unit, lo, hi, self.opts.pgd_steps,
-                                 seed=self.context.seed + 100 + i)
-            crafted.append(self._successful(model, adv, y, made, f"pgd_l2_{eps}"))
-        crafted.append(self._successful(model, attacks.deepfool(model.logits, X, lo, hi), y, made, "deepfool"))
-        adv_all = torch.cat(crafted)
-        # clean rows plus slightly noisy clean rows, so natural jitter is not mistaken for an attack
-        gen = torch.Generator().manual_seed(self.context.seed)
-        std_t = torch.as_tensor(self.spec.std, device=dev)
-        clean = torch.cat([X, (X + torch.randn(X.shape, generator=gen).to(dev) * 0.05 * std_t).clamp(lo, hi)])
-        with torch.no_grad():
-            f_clean = self._features_t(clean, None)
-            f_adv = self._features_t(adv_all, None)
-        if self.opts.natural_negatives:
-            f_clean = torch.cat([f_clean, self._natural_negatives(spec_part, fit_part, cal_part,
-                                                                  reference.input_shape)])
+        # Features of a row must never be measured against normal-data statistics (neighbours, PCA) that contain
+        # the row itself. Cross-fitting: the non-calibration rows are split in two; each half is attacked and
+        # measured against statistics fitted on the other half, so the scorer trains on every one of them, and
+        # the deployed statistics are fitted on all of them (calibration rows stay out of both).
+        half_a, half_b = fit_part.split(self.opts.train_share, seed=self.context.seed + 1)
+        f_clean, f_adv, made = [], [], {}
+        for stats_part, train_part in ((half_a, half_b), (half_b, half_a)):
+            clean, adv = self._training_features(stats_part, train_part, cal_part, reference, made, lo, hi)
+            f_clean.append(clean)
+            f_adv.append(adv)
+        f_clean, f_adv = torch.cat(f_clean), torch.cat(f_adv)
+        self.spec = self._fit_spec(fit_part.X, reference.input_shape, model.logits)
+        self._extractor = None
         feats = torch.cat([f_clean, f_adv])
         labels = torch.cat([torch.zeros(len(f_clean)), torch.ones(len(f_adv))]).to(dev)
         self.feat_mean = feats.mean(0).cpu().numpy()
@@ -306,6 +289,49 @@ class AdversarialDetector(Detector):
         self.typical_distance = float(np.median(dists)) if len(dists) else 1.0
         self.fit_report = {"adversarials": made, "clean": len(f_clean), "calibration": len(cal_part.X),
                            "boundary_test": boundary_note}
+
+    def _fit_spec(self, X: np.ndarray, input_shape: tuple[int, ...], logits_fn) -> FeatureSpec:
+        o = self.opts
+        return fit_spec(X, input_shape, logits_fn, self.context.device, o.noise_copies, o.noise_scale,
+                        o.squeeze_bits, o.pca_variance, self.context.seed, o.second_squeezer, o.squeeze)
+
+    def _training_features(self, stats_part: ReferenceData, train_part: ReferenceData, cal_part: ReferenceData,
+                           reference: ReferenceData, made: dict[str, int], lo: float, hi: float
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clean and attacked features of ``train_part``'s rows, measured against statistics of ``stats_part``."""
+        model = self._model()
+        dev = self.context.device
+        self.spec = self._fit_spec(stats_part.X, reference.input_shape, model.logits)
+        self._extractor = None
+        X = torch.as_tensor(train_part.X, dtype=torch.float32, device=dev)
+        with torch.no_grad():
+            y = model.logits(X).argmax(1)
+        rms = float(np.sqrt((reference.X.std(0) ** 2).mean()))
+        l2_unit = rms * np.sqrt(reference.dim)
+        crafted: list[torch.Tensor] = []
+        for i, eps in enumerate(self.opts.linf_eps):
+            for name, adv in (
+                (f"fgsm_{eps}", attacks.fgsm(model.logits, X, y, eps * rms, lo, hi)),
+                (f"pgd_linf_{eps}", attacks.pgd_linf(model.logits, X, y, eps * rms, lo, hi,
+                                                     self.opts.pgd_steps, seed=self.context.seed + i)),
+            ):
+                crafted.append(self._successful(model, adv, y, made, name))
+        for i, eps in enumerate(self.opts.l2_eps):
+            adv = attacks.pgd_l2(model.logits, X, y, eps * l2_unit, lo, hi, self.opts.pgd_steps,
+                                 seed=self.context.seed + 100 + i)
+            crafted.append(self._successful(model, adv, y, made, f"pgd_l2_{eps}"))
+        crafted.append(self._successful(model, attacks.deepfool(model.logits, X, lo, hi), y, made, "deepfool"))
+        # clean rows plus slightly noisy clean rows, so natural jitter is not mistaken for an attack
+        gen = torch.Generator().manual_seed(self.context.seed)
+        std_t = torch.as_tensor(self.spec.std, device=dev)
+        clean = torch.cat([X, (X + torch.randn(X.shape, generator=gen).to(dev) * 0.05 * std_t).clamp(lo, hi)])
+        with torch.no_grad():
+            f_clean = self._features_t(clean, None)
+            f_adv = self._features_t(torch.cat(crafted), None)
+        if self.opts.natural_negatives:
+            f_clean = torch.cat([f_clean, self._natural_negatives(stats_part, train_part, cal_part,
+                                                                  reference.input_shape)])
+        return f_clean, f_adv
 
     def _natural_negatives(self, spec_part: ReferenceData, fit_part: ReferenceData, cal_part: ReferenceData,
                            input_shape: tuple[int, ...]) -> torch.Tensor:
@@ -347,7 +373,7 @@ class AdversarialDetector(Detector):
     def _successful(model, adv: torch.Tensor, y: torch.Tensor, made: dict[str, int], name: str) -> torch.Tensor:
         with torch.no_grad():
             ok = model.logits(adv).argmax(1) != y
-        made[name] = int(ok.sum())
+        made[name] = made.get(name, 0) + int(ok.sum())
         return adv[ok]
 
     # ----------------------------------------------------------------- scoring

@@ -253,7 +253,7 @@ def evaluate(device: torch.device, quick: bool = False) -> dict[str, Any]:
 
 def seed_spread(name: str, seeds: list[int], options: dict[str, Any] | None = None,
                 device: torch.device | None = None) -> list[dict[str, float]]:
-    """Calibrated TPR and FPR per *detector* seed: how much one split of a small reference moves the figures.
+    """Calibrated TPR, FPR and AUROC per *detector* seed: how much one split of a small reference moves them.
 
     The deployment (model, reference, test rows, attacks) is the eval's seed-0
     one; only the detector's own split of the reference into statistics,
@@ -276,17 +276,22 @@ def seed_spread(name: str, seeds: list[int], options: dict[str, Any] | None = No
                                   DetectorContext(dev, ds.input_shape, ds.n_classes, model, seed=s))
         det.fit(ReferenceData(X_ref, y_ref, ds.input_shape))
         row = {"seed": s, "fpr": float((det.pvalues(ds.X_test) <= det.opts.fpr).mean())}
+        benign = det.anomaly_score(ds.X_test)
         for variant, adv in attacks_ok.items():
             row[variant] = float((det.pvalues(adv) <= det.opts.fpr).mean())
+        for variant, adv in attacks_ok.items():
+            score = np.r_[benign, det.anomaly_score(adv)]
+            row[f"{variant} AUROC"] = float(roc_auc_score(np.r_[np.zeros(len(benign)), np.ones(len(adv))], score))
         rows.append(row)
     return rows
 
 
-if __name__ == "__main__":  # python -m agent.scenarios.evasion digits 0,1,2,3,4,5 [boundary_test]
+if __name__ == "__main__":  # python -m agent.scenarios.evasion digits 0,1,2,3,4,5 ['{"boundary_test": false}']
+    import json
     import sys
 
     spread = seed_spread(sys.argv[1], [int(s) for s in sys.argv[2].split(",")],
-                         {"boundary_test": True} if "boundary_test" in sys.argv[3:] else None)
+                         json.loads(sys.argv[3]) if len(sys.argv) > 3 else None)
     for key in spread[0]:
         values = [r[key] for r in spread]
-        print(f"{key:28s} " + " ".join(f"{v:.3f}" for v in values) + f"   mean {np.mean(values):.3f}")
+        print(f"{key:34s} " + " ".join(f"{v:.3f}" for v in values) + f"   mean {np.mean(values):.3f}")
