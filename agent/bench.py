@@ -274,8 +274,13 @@ def _latency(tmp: Path, bootstrap: str, device: str, names: list[str], X: np.nda
             "p99": round(float(np.percentile(arr, 99)), 1), "records": len(arr)}
 
 
-def _scale_worker(cfg_path: str, ready, go, consumed, first_last) -> None:
-    """One agent process: join the group, wait for the start signal, consume until told to stop."""
+def _scale_worker(index: int, cfg_path: str, ready, settled, go, consumed, first_last) -> None:
+    """One agent process in the group: consume until told to stop, counting every record it processes.
+
+    Until the group has settled it reports each change of its assignment (the first member to join owns
+    every partition until the next one joins, so one report is not enough to know the split); then it
+    reports that it is parked and waits for the start signal, given once the whole topic is produced.
+    """
     import torch
 
     from agent.assemble import build_pipeline
@@ -283,12 +288,9 @@ def _scale_worker(cfg_path: str, ready, go, consumed, first_last) -> None:
 
     torch.set_num_threads(1)
     pipeline = build_pipeline(load_config(cfg_path))
-    while not pipeline.source.assignment():
-        pipeline.step()
-    ready.put(len(pipeline.source.assignment()))
-    go.wait()
+    owned = -1
     t_first = t_last = None
-    while not go.is_set() or consumed.value >= 0:
+    while True:
         n = pipeline.step()
         if n:
             now = time.time()
@@ -298,6 +300,13 @@ def _scale_worker(cfg_path: str, ready, go, consumed, first_last) -> None:
                 consumed.value += n
         elif consumed.value < 0:
             break
+        if settled.is_set() and owned >= 0:
+            ready.put((index, -1))  # parked: the records are produced while no member polls, as before a burst
+            owned = -2
+            go.wait()
+        elif owned >= -1 and len(pipeline.source.assignment()) != owned:
+            owned = len(pipeline.source.assignment())
+            ready.put((index, owned))
     first_last.put((t_first, t_last))
     pipeline.close()
 
@@ -319,27 +328,39 @@ def _scale_out(tmp: Path, bootstrap: str, device: str, names: list[str], values:
                                              f"inference: [{topic}], feedback: []")
                     .replace("max_record_bytes: 8388608", "max_record_bytes: 8388608\n  decode_worker: false"))
     ctx = mp.get_context("spawn")
-    ready, first_last, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    ready, first_last, settled, go = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Event()
     consumed = ctx.Value("q", 0)
-    workers = [ctx.Process(target=_scale_worker, args=(str(path), ready, go, consumed, first_last))
-               for _ in range(procs)]
+    workers = [ctx.Process(target=_scale_worker, args=(i, str(path), ready, settled, go, consumed, first_last))
+               for i in range(procs)]
     for w in workers:
         w.start()
-    deadline = time.time() + 120
-    while time.time() < deadline:  # wait until the group has settled: every member owns 4/procs partitions
-        got = [ready.get(timeout=120) for _ in range(procs)]
-        if sorted(got) == [4 // procs] * procs:
-            break
-        raise RuntimeError(f"bench: group did not settle evenly: assignments {got}")
-    _produce(bootstrap, topic, values, partitions=4)  # every member gets the same share of the work
-    go.set()
-    while consumed.value < len(values) and time.time() < deadline + 600:
-        time.sleep(0.05)
-    with consumed.get_lock():
-        consumed.value = -1
-    spans = [first_last.get(timeout=60) for _ in range(procs)]
-    for w in workers:
-        w.join(timeout=60)
+    try:
+        deadline = time.time() + 120
+        owned: dict[int, int] = {}
+        while sorted(owned.values()) != [4 // procs] * procs:  # until every member owns 4/procs partitions
+            if time.time() > deadline:
+                raise RuntimeError(f"bench: group did not settle evenly in 120 s: partitions per member {owned}")
+            index, count = ready.get(timeout=120)
+            owned[index] = count
+        settled.set()
+        parked: set[int] = set()
+        while len(parked) < procs:
+            index, count = ready.get(timeout=120)
+            if count == -1:
+                parked.add(index)
+        _produce(bootstrap, topic, values, partitions=4)  # every member gets the same share of the work
+        go.set()
+        while consumed.value < len(values) and time.time() < deadline + 600:
+            time.sleep(0.05)
+        with consumed.get_lock():
+            consumed.value = -1
+        spans = [first_last.get(timeout=60) for _ in range(procs)]
+        for w in workers:
+            w.join(timeout=60)
+    finally:
+        for w in workers:  # a failed measurement must not leave members polling forever
+            if w.is_alive():
+                w.terminate()
     starts = [a for a, _ in spans if a]
     ends = [b for _, b in spans if b]
     return round(len(values) / (max(ends) - min(starts)))
