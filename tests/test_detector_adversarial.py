@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -247,8 +248,13 @@ def test_evaluate_quick_meets_the_evasion_goals() -> None:
     assert set(report["detector_aware"]) == {"digits", "tabular"}
 
 
-def test_global_drift_gives_one_aggregate_not_a_flood_and_attackers_still_stand_out(digits, model, artifacts) -> None:
-    """Brightness/contrast drift of every client's inputs (as in the demo), with two attackers during the drift."""
+@pytest.mark.parametrize("seconds_per_record", [0.3, 1 / 700], ids=["slow-stream", "demo-rate"])
+def test_global_drift_gives_one_aggregate_not_a_flood_and_attackers_still_stand_out(digits, model, artifacts,
+                                                                                    seconds_per_record) -> None:
+    """Brightness/contrast drift of every client's inputs (as in the demo), with two attackers during the drift.
+
+    At the demo's 700 records/s, minutes of normal traffic dilute the time-decayed background rate, so it
+    alone declared the shift only after seconds of flagged benign records (8 % of the drifted records)."""
     det = fitted(digits, model, artifacts)
     rng = np.random.default_rng(5)
     X, clients, _ = data.benign_traffic(digits, 12_000, 120, seed=9)
@@ -267,20 +273,22 @@ def test_global_drift_gives_one_aggregate_not_a_flood_and_attackers_still_stand_
     findings, raw_flagged = [], np.zeros(len(X), dtype=bool)
     for i in range(0, len(X), 512):
         part = X[i : i + 512]
-        findings += det.update(batch_of(part, model, names[i : i + 512], start_ts=i * 0.3, prefix=f"d{i}-"),
-                               notes := {})
+        batch = batch_of(part, model, names[i : i + 512], start_ts=i * seconds_per_record, prefix=f"d{i}-")
+        batch = dataclasses.replace(batch, ts=i * seconds_per_record + np.arange(len(part)) * seconds_per_record)
+        findings += det.update(batch, notes := {})
         raw_flagged[i : i + len(part)] = notes["adv_score"] <= det.opts.fpr
     drifted_benign = ~is_adv & (np.arange(len(X)) >= 4000)
     print(f"raw flagged share of drifted benign: {raw_flagged[drifted_benign].mean():.3f}")
     assert raw_flagged[drifted_benign].mean() > 0.2, "the drift must look adversarial to the raw scorer"
     record = [f for f in findings if f.title == "Adversarial example suspected"]
-    benign_record = [f for f in record if f.actor.startswith("tenant-") and f.evidence["ts"] >= 4000 * 0.3]
+    onset = 4000 * seconds_per_record
+    benign_record = [f for f in record if f.actor.startswith("tenant-") and f.evidence["ts"] >= onset]
     shift = [f for f in findings if "global shift" in f.title]
     campaigns = {f.actor for f in findings if f.title.startswith("Client")}
     print(f"per-record findings on benign: {len(benign_record)} of {int(drifted_benign.sum())} drifted records; "
           f"shift findings {len(shift)}; campaigns {sorted(campaigns)}")
     assert len(shift) == 1
-    assert len(benign_record) <= 0.02 * drifted_benign.sum()  # about `fpr`, against 100% raw
+    assert len(benign_record) <= 0.015 * drifted_benign.sum()  # about `fpr`, against 20-100% raw
     assert {"mallory-0", "mallory-1"} <= campaigns
     assert len([c for c in campaigns if c.startswith("tenant-")]) <= 2
     mallory = [f for f in record if f.actor.startswith("mallory")]
