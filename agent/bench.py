@@ -274,6 +274,9 @@ def _latency(tmp: Path, bootstrap: str, device: str, names: list[str], X: np.nda
             "p99": round(float(np.percentile(arr, 99)), 1), "records": len(arr)}
 
 
+PARKED = -1  # what a scale-out member reports instead of a partition count once it waits for the start
+
+
 def _scale_worker(index: int, cfg_path: str, ready, settled, go, consumed, first_last) -> None:
     """One agent process in the group: consume until told to stop, counting every record it processes.
 
@@ -288,7 +291,7 @@ def _scale_worker(index: int, cfg_path: str, ready, settled, go, consumed, first
 
     torch.set_num_threads(1)
     pipeline = build_pipeline(load_config(cfg_path))
-    owned = -1
+    owned, parked = -1, False
     t_first = t_last = None
     while True:
         n = pipeline.step()
@@ -300,11 +303,13 @@ def _scale_worker(index: int, cfg_path: str, ready, settled, go, consumed, first
                 consumed.value += n
         elif consumed.value < 0:
             break
-        if settled.is_set() and owned >= 0:
-            ready.put((index, -1))  # parked: the records are produced while no member polls, as before a burst
-            owned = -2
+        if parked:
+            continue
+        if settled.is_set():
+            ready.put((index, PARKED))  # the records are produced while no member polls, as before a burst
+            parked = True
             go.wait()
-        elif owned >= -1 and len(pipeline.source.assignment()) != owned:
+        elif len(pipeline.source.assignment()) != owned:
             owned = len(pipeline.source.assignment())
             ready.put((index, owned))
     first_last.put((t_first, t_last))
@@ -346,7 +351,7 @@ def _scale_out(tmp: Path, bootstrap: str, device: str, names: list[str], values:
         parked: set[int] = set()
         while len(parked) < procs:
             index, count = ready.get(timeout=120)
-            if count == -1:
+            if count == PARKED:
                 parked.add(index)
         _produce(bootstrap, topic, values, partitions=4)  # every member gets the same share of the work
         go.set()

@@ -267,7 +267,7 @@ class AdversarialDetector(Detector):
             f_adv.append(adv)
         f_clean, f_adv = torch.cat(f_clean), torch.cat(f_adv)
         self.spec = self._fit_spec(fit_part.X, reference.input_shape, model.logits)
-        self._extractor = None
+        self._extractor = None  # the deployed statistics
         feats = torch.cat([f_clean, f_adv])
         labels = torch.cat([torch.zeros(len(f_clean)), torch.ones(len(f_adv))]).to(dev)
         self.feat_mean = feats.mean(0).cpu().numpy()
@@ -304,8 +304,8 @@ class AdversarialDetector(Detector):
         """Clean and attacked features of ``train_part``'s rows, measured against statistics of ``stats_part``."""
         model = self._model()
         dev = self.context.device
-        self.spec = self._fit_spec(stats_part.X, reference.input_shape, model.logits)
-        self._extractor = None
+        spec = self._fit_spec(stats_part.X, reference.input_shape, model.logits)
+        features = FeatureExtractor(spec, model.logits, dev)
         X = torch.as_tensor(train_part.X, dtype=torch.float32, device=dev)
         with torch.no_grad():
             y = model.logits(X).argmax(1)
@@ -326,11 +326,11 @@ class AdversarialDetector(Detector):
         crafted.append(self._successful(model, attacks.deepfool(model.logits, X, lo, hi), y, made, "deepfool"))
         # clean rows plus slightly noisy clean rows, so natural jitter is not mistaken for an attack
         gen = torch.Generator().manual_seed(self.context.seed)
-        std_t = torch.as_tensor(self.spec.std, device=dev)
+        std_t = torch.as_tensor(spec.std, device=dev)
         clean = torch.cat([X, (X + torch.randn(X.shape, generator=gen).to(dev) * 0.05 * std_t).clamp(lo, hi)])
         with torch.no_grad():
-            f_clean = self._features_t(clean, None)
-            f_adv = self._features_t(torch.cat(crafted), None)
+            f_clean = features(clean)
+            f_adv = features(torch.cat(crafted))
         if self.opts.natural_negatives:
             f_clean = torch.cat([f_clean, self._natural_negatives(stats_part, train_part, cal_part,
                                                                   reference.input_shape)])
@@ -356,9 +356,7 @@ class AdversarialDetector(Detector):
             y = self._model().predict_proba(X).argmax(1)
         with torch.enable_grad():
             shadow = train_classifier(X, y, input_shape, dev, epochs=60, seed=self.context.seed + 2)
-        spec = fit_spec(spec_part.X, input_shape, shadow.logits, dev, self.opts.noise_copies, self.opts.noise_scale,
-                        self.opts.squeeze_bits, self.opts.pca_variance, self.context.seed, self.opts.second_squeezer,
-                        self.opts.squeeze)
+        spec = self._fit_spec(spec_part.X, input_shape, shadow.logits)
         with torch.no_grad():
             return FeatureExtractor(spec, shadow.logits, dev)(torch.as_tensor(fit_part.X, device=dev))
 

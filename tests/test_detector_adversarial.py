@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
@@ -71,10 +70,10 @@ def pgd(digits, model) -> np.ndarray:
 
 
 def batch_of(X: np.ndarray, model: WatchedModel, clients: list[str], start_ts: float = 0.0,
-             prefix: str = "r") -> InferenceBatch:
+             prefix: str = "r", seconds_per_record: float = 0.5) -> InferenceBatch:
     probs = model.predict_proba(X)
     n = len(X)
-    return InferenceBatch(ids=tuple(f"{prefix}{i}" for i in range(n)), ts=start_ts + np.arange(n) * 0.5,
+    return InferenceBatch(ids=tuple(f"{prefix}{i}" for i in range(n)), ts=start_ts + np.arange(n) * seconds_per_record,
                           models=("digits",) * n, model_versions=(None,) * n, clients=tuple(clients), X=X,
                           probs=probs, labels=probs.argmax(1).astype(np.int64))
 
@@ -273,8 +272,8 @@ def test_global_drift_gives_one_aggregate_not_a_flood_and_attackers_still_stand_
     findings, raw_flagged = [], np.zeros(len(X), dtype=bool)
     for i in range(0, len(X), 512):
         part = X[i : i + 512]
-        batch = batch_of(part, model, names[i : i + 512], start_ts=i * seconds_per_record, prefix=f"d{i}-")
-        batch = dataclasses.replace(batch, ts=i * seconds_per_record + np.arange(len(part)) * seconds_per_record)
+        batch = batch_of(part, model, names[i : i + 512], start_ts=i * seconds_per_record, prefix=f"d{i}-",
+                         seconds_per_record=seconds_per_record)
         findings += det.update(batch, notes := {})
         raw_flagged[i : i + len(part)] = notes["adv_score"] <= det.opts.fpr
     drifted_benign = ~is_adv & (np.arange(len(X)) >= 4000)

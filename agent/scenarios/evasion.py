@@ -279,7 +279,6 @@ def seed_spread(name: str, seeds: list[int], options: dict[str, Any] | None = No
         benign = det.anomaly_score(ds.X_test)
         for variant, adv in attacks_ok.items():
             row[variant] = float((det.pvalues(adv) <= det.opts.fpr).mean())
-        for variant, adv in attacks_ok.items():
             score = np.r_[benign, det.anomaly_score(adv)]
             row[f"{variant} AUROC"] = float(roc_auc_score(np.r_[np.zeros(len(benign)), np.ones(len(adv))], score))
         rows.append(row)
