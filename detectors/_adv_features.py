@@ -37,6 +37,17 @@ so that the detector is not tied to one attack's fingerprint:
     answer clean; on a log scale one weight covers "on the boundary" while
     confident answers differ little. Measured on digits over six detector
     seeds: DeepFool TPR 0.70 -> 0.91, every other attack unchanged.
+13. log Mahalanobis distance of the model's penultimate representation (the
+    input of its final linear layer) to the reference mean of the predicted
+    class, shared shrunk covariance (Lee et al., NeurIPS 2018, on the one
+    hidden layer every classifier has): an adversarial input gets the label
+    without the representation that natural members of that class have.
+14. how much nearer that representation is to another class's mean than to
+    the predicted one's (log of the Mahalanobis gap, 0 when the predicted class
+    is also the nearest): a generative read of the same layer disagreeing with
+    the model's own linear read.
+    Both are 0 when the model has no final linear layer to read
+    (``WatchedModel.logits_and_hidden``).
 
 Cost and defaults: each squeezer and each noise copy is one more model pass per
 record. Measured on digits and tabular with an honest (validation) reference,
@@ -53,17 +64,19 @@ detector-aware attacker can be simulated honestly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-N_FEATURES = 13
+N_FEATURES = 15
 FEATURE_NAMES = ("log_1m_maxprob", "logit_margin", "squeeze_a_l1", "squeeze_b_l1", "noise_l1",
                  "noise_pred_prob", "logit_mahalanobis", "pca_residual", "entropy", "knn_agreement",
-                 "knn_distance", "input_mahalanobis", "log_logit_margin")
+                 "knn_distance", "input_mahalanobis", "log_logit_margin", "hidden_mahalanobis", "hidden_class_gap")
 MAX_NEIGHBOURS = 2000
+MAX_HIDDEN_DIRECTIONS = 256  # wider penultimate layers are measured in their top principal directions
 
 
 @dataclass
@@ -88,7 +101,11 @@ class FeatureSpec:
     bits: int
     second_squeezer: bool = True  # False: feature 3 repeats feature 2 (one model pass fewer per record)
     first_squeezer: bool = True  # False: no bit-depth squeezing either (feature 2 is 0)
-    n_features: int = N_FEATURES  # features the scorer reads: 12 for detectors fitted before feature 12 existed
+    n_features: int = N_FEATURES  # features the scorer reads: 12 or 13 for detectors fitted before 12 or 13 existed
+    # penultimate layer: whitening [h, r] of the shrunk shared covariance and the class means times it [k, r];
+    # both empty when the model has no final linear layer to read
+    hidden_whitening: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    hidden_means: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
 
     def to_tree(self) -> dict[str, Any]:
         return {"input_shape": list(self.input_shape), "lo": self.lo, "hi": self.hi, "mean": self.mean,
@@ -96,7 +113,8 @@ class FeatureSpec:
                 "logit_prec": self.logit_prec, "knn_points": self.knn_points, "knn_onehot": self.knn_onehot,
                 "knn_scale": self.knn_scale, "knn_tau": self.knn_tau, "whitening": self.whitening,
                 "image": self.image, "bits": self.bits, "second_squeezer": self.second_squeezer,
-                "first_squeezer": self.first_squeezer, "n_features": self.n_features}
+                "first_squeezer": self.first_squeezer, "n_features": self.n_features,
+                "hidden_whitening": self.hidden_whitening, "hidden_means": self.hidden_means}
 
     @classmethod
     def from_tree(cls, tree: dict[str, Any]) -> FeatureSpec:
@@ -104,7 +122,8 @@ class FeatureSpec:
             "lo", "hi", "mean", "std", "pca", "noise", "logit_means", "logit_prec", "knn_points", "knn_onehot",
             "knn_scale")), float(tree["knn_tau"]), np.asarray(tree["whitening"], np.float32), bool(tree["image"]),
             int(tree["bits"]), bool(tree.get("second_squeezer", True)),
-            bool(tree.get("first_squeezer", True)), int(tree.get("n_features", 12)))
+            bool(tree.get("first_squeezer", True)), int(tree.get("n_features", 12)),
+            *(np.asarray(tree.get(k, np.zeros((0, 0))), np.float32) for k in ("hidden_whitening", "hidden_means")))
 
 
 def is_image(input_shape: tuple[int, ...]) -> bool:
@@ -112,12 +131,16 @@ def is_image(input_shape: tuple[int, ...]) -> bool:
     return len(input_shape) >= 2 and input_shape[-1] > 2 and input_shape[-2] > 2
 
 
+Forward = Callable[[torch.Tensor], tuple[torch.Tensor, "torch.Tensor | None"]]
+"""A model pass: flat inputs -> (logits, penultimate representation or None); ``WatchedModel.logits_and_hidden``."""
+
+
 class FeatureExtractor:
     """Turns flat inputs into the N_FEATURES features above, on the model's device."""
 
-    def __init__(self, spec: FeatureSpec, logits_fn, device: torch.device):
+    def __init__(self, spec: FeatureSpec, forward: Forward, device: torch.device):
         self.spec = spec
-        self.logits_fn = logits_fn
+        self.forward = forward
         t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
         self.lo, self.hi, self.mean, self.std = t(spec.lo), t(spec.hi), t(spec.mean), t(spec.std)
         self.pca, self.noise = t(spec.pca), t(spec.noise)
@@ -125,6 +148,7 @@ class FeatureExtractor:
         self.knn_points, self.knn_onehot, self.knn_scale = t(spec.knn_points), t(spec.knn_onehot), t(spec.knn_scale)
         self.knn_sqnorm = self.knn_points.pow(2).sum(1)
         self.whitening = t(spec.whitening)
+        self.hidden_whitening, self.hidden_means = t(spec.hidden_whitening), t(spec.hidden_means)
 
     def _squeeze_a(self, x: torch.Tensor) -> torch.Tensor:
         """Bit depth (images) or a fine per-feature grid (tabular); gradients pass straight through."""
@@ -173,7 +197,7 @@ class FeatureExtractor:
             variants.append(self._squeeze_b(x))
         variants += [(x + self.noise[j]).clamp(self.lo, self.hi) for j in range(n_noise)]
         # one model call over all variants: a single large matmul per layer beats several small ones
-        logits_all = self.logits_fn(torch.cat(variants))
+        logits_all, hidden_all = self.forward(torch.cat(variants))
         probs_all = torch.softmax(logits_all.float(), dim=1)
         logits, p = logits_all[:n].float(), probs_all[:n]
         pa = probs_all[n : 2 * n] if self.spec.first_squeezer else p
@@ -194,6 +218,7 @@ class FeatureExtractor:
         xk = x / self.knn_scale
         d2 = (xk.pow(2).sum(1, keepdim=True) - 2 * xk @ self.knn_points.T + self.knn_sqnorm).clamp_min(0)
         vote = torch.softmax(-d2 / self.spec.knn_tau, dim=1) @ self.knn_onehot
+        hidden_maha, hidden_gap = self._hidden(hidden_all, pred, n)
         feats = [
             torch.log(1 - answer.max(1).values + 1e-6),
             top2[:, 0] - top2[:, 1],
@@ -208,11 +233,25 @@ class FeatureExtractor:
             0.5 * torch.log(d2.min(1).values + 1e-6 * self.spec.knn_tau),
             torch.log1p((xs @ self.whitening).pow(2).sum(1)),
             torch.log(top2[:, 0] - top2[:, 1] + 1e-3),
+            hidden_maha,
+            hidden_gap,
         ]
         return torch.stack(feats[: self.spec.n_features], dim=1), feats[1]
 
+    def _hidden(self, hidden_all: torch.Tensor | None, pred: torch.Tensor, n: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features 13 and 14 from the penultimate representation of the unmodified inputs (zeros without one)."""
+        if hidden_all is None or self.hidden_whitening.numel() == 0:
+            zero = torch.zeros(n, device=pred.device)
+            return zero, zero
+        hw = hidden_all[:n].float() @ self.hidden_whitening
+        d2 = (hw.pow(2).sum(1, keepdim=True) - 2 * hw @ self.hidden_means.T
+              + self.hidden_means.pow(2).sum(1)).clamp_min(0)  # [n, k] squared Mahalanobis to every class mean
+        own = d2.gather(1, pred[:, None])[:, 0]
+        return torch.log1p(own), torch.log1p(own - d2.min(1).values)
 
-def fit_spec(X: np.ndarray, input_shape: tuple[int, ...], logits_fn, device: torch.device, n_noise: int,
+
+def fit_spec(X: np.ndarray, input_shape: tuple[int, ...], forward: Forward, device: torch.device, n_noise: int,
              noise_scale: float, bits: int, pca_variance: float, seed: int, second_squeezer: bool = True,
              first_squeezer: bool = True) -> FeatureSpec:
     """Fit the normal-data statistics the features are measured against."""
@@ -227,7 +266,8 @@ def fit_spec(X: np.ndarray, input_shape: tuple[int, ...], logits_fn, device: tor
     rng = np.random.default_rng(seed)
     noise = (rng.normal(0, 1, (n_noise, X.shape[1])) * noise_scale * std).astype(np.float32)
     with torch.no_grad():
-        logits = logits_fn(torch.as_tensor(X, device=device)).float().cpu().numpy()
+        logits_t, hidden_t = forward(torch.as_tensor(X, device=device))
+        logits = logits_t.float().cpu().numpy()
     pred = logits.argmax(1)
     k = logits.shape[1]
     means = np.stack([logits[pred == c].mean(0) if (pred == c).any() else logits.mean(0) for c in range(k)])
@@ -247,7 +287,24 @@ def fit_spec(X: np.ndarray, input_shape: tuple[int, ...], logits_fn, device: tor
     cov_x = 0.9 * cov_x + 0.1 * np.eye(len(cov_x)) * float(np.trace(cov_x)) / len(cov_x)  # shrinkage
     evals, evecs = np.linalg.eigh(cov_x)
     whitening = (evecs / np.sqrt(np.maximum(evals, 1e-6))).astype(np.float32)
+    hidden_whitening, hidden_means = (np.zeros((0, 0), np.float32),) * 2
+    if hidden_t is not None:
+        hidden_whitening, hidden_means = _hidden_statistics(hidden_t.float().cpu().numpy(), pred, k)
     return FeatureSpec(tuple(input_shape), X.min(0), X.max(0), mean, std, pca, noise,
                        means.astype(np.float32), np.linalg.inv(cov).astype(np.float32), points.astype(np.float32),
                        onehot, knn_scale, tau, whitening, is_image(input_shape), bits, second_squeezer,
-                       first_squeezer)
+                       first_squeezer, N_FEATURES, hidden_whitening, hidden_means)
+
+
+def _hidden_statistics(H: np.ndarray, pred: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Whitening of the shared within-class covariance of penultimate representations, and the class means in
+    whitened space. Shrunk towards its average variance, as the input's: a layer is often wider than the
+    reference has rows; wider than ``MAX_HIDDEN_DIRECTIONS``, only its top principal directions are kept."""
+    means = np.stack([H[pred == c].mean(0) if (pred == c).any() else H.mean(0) for c in range(k)])
+    centred = H - means[pred]
+    cov = centred.T @ centred / max(len(H) - 1, 1)
+    cov = 0.9 * cov + 0.1 * np.eye(len(cov)) * max(float(np.trace(cov)) / len(cov), 1e-6)
+    evals, evecs = np.linalg.eigh(cov)
+    keep = np.argsort(evals)[::-1][:MAX_HIDDEN_DIRECTIONS]
+    whitening = (evecs[:, keep] / np.sqrt(np.maximum(evals[keep], 1e-9))).astype(np.float32)
+    return whitening, (means @ whitening).astype(np.float32)

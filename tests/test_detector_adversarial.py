@@ -331,7 +331,7 @@ def test_log_margin_feature_lets_one_weight_flag_the_boundary(digits, model, art
 
     det = fitted(digits, model, artifacts)
     j = FEATURE_NAMES.index("log_logit_margin")
-    assert det.spec.n_features == len(FEATURE_NAMES) == 13
+    assert det.spec.n_features == len(FEATURE_NAMES) == 15
     assert det.scorer[0].weight[0, j] < 0, "a smaller margin must push the score towards 'adversarial'"
     p = det.pvalues(deepfool_adv, model.predict_proba(deepfool_adv))
     print(f"digits DeepFool: TPR {(p <= 0.01).mean():.3f} over {len(p)}")
@@ -354,6 +354,95 @@ def test_detectors_saved_before_the_margin_feature_and_the_boundary_test_still_l
     stats = det.statistics(X)
     assert stats.shape == (64, 1)
     np.testing.assert_array_equal(det.pvalues(X), ConformalCalibrator.fit(scores).rank_pvalues(stats[:, 0]))
+
+
+def test_detectors_saved_before_the_hidden_layer_features_still_load(digits, model, artifacts) -> None:
+    """Artifacts from a 13-feature detector (no penultimate-layer statistics) score with their 13 features."""
+    old = dict(artifacts)
+    old["spec"] = {k: v for k, v in artifacts["spec"].items() if k not in ("hidden_whitening", "hidden_means")}
+    old["spec"]["n_features"] = 13
+    old["scorer"] = {"0.weight": artifacts["scorer"]["0.weight"][:, :13], "0.bias": artifacts["scorer"]["0.bias"]}
+    old["feat_mean"], old["feat_std"] = artifacts["feat_mean"][:13], artifacts["feat_std"][:13]
+    det = fitted(digits, model, old)
+    assert det.spec.n_features == 13 and det.spec.hidden_whitening.size == 0
+    X = torch.as_tensor(digits.X_test[:64])
+    feats = det.extractor()(X)
+    assert feats.shape == (64, 13)
+    new = fitted(digits, model, artifacts).extractor()(X)
+    torch.testing.assert_close(feats, new[:, :13])  # the first 13 features are what they always were
+
+
+class _NoLinearHead(torch.nn.Module):
+    """Logits that are not the output of a linear layer: there is no penultimate representation to read."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 3.0 * x.flatten(1)[:, :10]
+
+
+class _SmallConvNet(torch.nn.Module):
+    """A convolutional net ending in linear + softmax, as some teams export their models."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3)
+        self.head = torch.nn.Linear(4 * 6 * 6, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.head(torch.relu(self.conv(x.unsqueeze(1))).flatten(1)), dim=1)
+
+
+def test_penultimate_view_reads_the_layer_before_the_logits(model, tmp_path: Path) -> None:
+    """From an exported program (no hooks) and from a module in memory: same outputs, plus the layer before."""
+    x = torch.rand(5, 64)
+    model.save(tmp_path / "mlp.pt2")
+    loaded = WatchedModel.load(tmp_path / "mlp.pt2", (8, 8), 10, torch.device("cpu"))
+    for m in (model, loaded):
+        logits, hidden = m.logits_and_hidden(x)
+        torch.testing.assert_close(logits, m.logits(x))
+        assert hidden.shape == (5, 128)
+        last = model.module.net[-1]
+        torch.testing.assert_close(hidden @ last.weight.T + last.bias, logits)  # it is the head's input
+    conv = WatchedModel(_SmallConvNet().eval(), (8, 8), 10, torch.device("cpu"), False)
+    conv.save(tmp_path / "conv.pt2")
+    conv = WatchedModel.load(tmp_path / "conv.pt2", (8, 8), 10, torch.device("cpu"))
+    probs, hidden = conv.logits_and_hidden(x)  # found through the softmax
+    torch.testing.assert_close(probs, conv.logits(x))
+    assert hidden.shape == (5, 4 * 6 * 6)
+    headless = WatchedModel(_NoLinearHead(), (8, 8), 10, torch.device("cpu"), False)
+    logits, hidden = headless.logits_and_hidden(x)
+    assert hidden is None
+    torch.testing.assert_close(logits, headless.logits(x))
+
+
+def test_hidden_layer_features_are_constant_without_a_penultimate_layer(digits, split) -> None:
+    """A model with no final linear layer still gets every other feature; the two hidden-layer ones are 0."""
+    from detectors._adv_features import FEATURE_NAMES, FeatureExtractor, fit_spec
+
+    headless = WatchedModel(_NoLinearHead(), (8, 8), 10, torch.device("cpu"), False)
+    spec = fit_spec(split[2], (8, 8), headless.logits_and_hidden, torch.device("cpu"), 0, 0.1, 3, 0.95, 0)
+    assert spec.hidden_whitening.size == 0
+    feats = FeatureExtractor(spec, headless.logits_and_hidden, torch.device("cpu"))(torch.as_tensor(digits.X_test))
+    for name in ("hidden_mahalanobis", "hidden_class_gap"):
+        assert (feats[:, FEATURE_NAMES.index(name)] == 0).all()
+    assert torch.isfinite(feats).all()
+
+
+def test_hidden_layer_option_reads_the_model_s_representation(digits, model, split, artifacts, pgd) -> None:
+    """Off by default (features 13-14 are 0); on, clean rows sit near their predicted class in the penultimate
+    layer and PGD examples further out, and a saved detector keeps reading that layer."""
+    from detectors._adv_features import FEATURE_NAMES
+
+    j = FEATURE_NAMES.index("hidden_mahalanobis")
+    default = fitted(digits, model, artifacts)
+    assert (default.extractor()(torch.as_tensor(pgd))[:, j:] == 0).all()
+    det = make(digits, model, hidden_layer=True)
+    det.fit(ReferenceData(split[2], split[3], digits.input_shape))
+    clean = det.extractor()(torch.as_tensor(digits.X_test))[:, j]
+    adv = det.extractor()(torch.as_tensor(pgd))[:, j]
+    print(f"hidden Mahalanobis (log1p), median: clean {float(clean.median()):.2f}, PGD {float(adv.median()):.2f}")
+    assert float(adv.median()) > float(clean.median()) + 0.3
+    again = fitted(digits, model, det.artifacts())
+    np.testing.assert_array_equal(again.pvalues(pgd), det.pvalues(pgd))
 
 
 def test_boundary_test_flags_minimal_perturbations_at_the_same_fpr(digits, model, split, deepfool_adv) -> None:

@@ -97,10 +97,30 @@ def _detector_aware(model: WatchedModel, det: AdversarialDetector, ds: data.Data
     return adv.detach().cpu().numpy()
 
 
-def _deploy(ds: data.Dataset, device: torch.device, seed: int) -> tuple[WatchedModel, np.ndarray, np.ndarray]:
+class DigitsCNN(torch.nn.Module):
+    """A small convolutional net for 8x8 digits: a second kind of watched model, for ``seed_spread``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(1, 16, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(16, 32, 3, padding=1)
+        self.fc = torch.nn.Linear(32 * 4 * 4, 64)
+        self.head = torch.nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1(x.reshape(-1, 1, 8, 8)))
+        x = torch.max_pool2d(torch.relu(self.conv2(x)), 2)
+        return self.head(torch.relu(self.fc(x.flatten(1))))
+
+
+def _deploy(ds: data.Dataset, device: torch.device, seed: int, architecture: str = "mlp"
+            ) -> tuple[WatchedModel, np.ndarray, np.ndarray]:
     """The monitored model, trained on one part of ``X_train``, and the reference rows it never saw."""
     X_model, y_model, X_ref, y_ref = split_for_deployment(ds, seed)
-    model = train_classifier(X_model, y_model, ds.input_shape, device, epochs=60, seed=seed)
+    if architecture not in ("mlp", "cnn") or (architecture == "cnn" and ds.name != "digits"):
+        raise ValueError(f"architecture: expected 'mlp', or 'cnn' for digits; got {architecture!r} for {ds.name}")
+    module = DigitsCNN() if architecture == "cnn" else None
+    model = train_classifier(X_model, y_model, ds.input_shape, device, epochs=60, seed=seed, module=module)
     model.is_surrogate = False  # the team's own model, given with `train --model`: it never saw the reference
     for p in model.module.parameters():
         p.requires_grad_(False)
@@ -252,17 +272,18 @@ def evaluate(device: torch.device, quick: bool = False) -> dict[str, Any]:
 
 
 def seed_spread(name: str, seeds: list[int], options: dict[str, Any] | None = None,
-                device: torch.device | None = None) -> list[dict[str, float]]:
+                device: torch.device | None = None, architecture: str = "mlp") -> list[dict[str, float]]:
     """Calibrated TPR, FPR and AUROC per *detector* seed: how much one split of a small reference moves them.
 
     The deployment (model, reference, test rows, attacks) is the eval's seed-0
     one; only the detector's own split of the reference into statistics,
     training and calibration rows changes with the seed. Benign rows are the
     unique test rows (each counted once, not the eval's 30,000 draws of them).
+    ``architecture`` ``cnn`` watches :class:`DigitsCNN` instead of the MLP.
     """
     dev = device or torch.device("cpu")
     ds = data.load(name)
-    model, X_ref, y_ref = _deploy(ds, dev, 0)
+    model, X_ref, y_ref = _deploy(ds, dev, 0, architecture)
     pick = np.random.default_rng(7).permutation(len(ds.X_test))
     Xs, ys = ds.X_test[pick], ds.y_test[pick]
     correct = model.predict_proba(Xs).argmax(1) == ys
@@ -285,12 +306,13 @@ def seed_spread(name: str, seeds: list[int], options: dict[str, Any] | None = No
     return rows
 
 
-if __name__ == "__main__":  # python -m agent.scenarios.evasion digits 0,1,2,3,4,5 ['{"boundary_test": false}']
+if __name__ == "__main__":  # python -m agent.scenarios.evasion digits 0,1,2,3,4,5 ['{"boundary_test": false}' [cnn]]
     import json
     import sys
 
     spread = seed_spread(sys.argv[1], [int(s) for s in sys.argv[2].split(",")],
-                         json.loads(sys.argv[3]) if len(sys.argv) > 3 else None)
+                         json.loads(sys.argv[3]) if len(sys.argv) > 3 else None,
+                         architecture=sys.argv[4] if len(sys.argv) > 4 else "mlp")
     for key in spread[0]:
         values = [r[key] for r in spread]
         print(f"{key:34s} " + " ".join(f"{v:.3f}" for v in values) + f"   mean {np.mean(values):.3f}")
