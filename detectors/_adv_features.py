@@ -48,6 +48,13 @@ so that the detector is not tied to one attack's fingerprint:
     the model's own linear read.
     Both are 0 when the model has no final linear layer to read
     (``WatchedModel.logits_and_hidden``).
+15. reformer disagreement: L1 between the model's probabilities on x and on
+    x projected onto the reference data's principal subspace (the one of
+    feature 7), a linear stand-in for MagNet's auto-encoder reformer (Meng &
+    Chen, CCS 2017): the projection drops the perturbation's off-manifold part,
+    and where that part made the label, the answer moves back.
+16. the probability the projected input still gives the predicted class.
+    15-16 cost one more model pass per record (option ``reformer``); 0 without it.
 
 Cost and defaults: each squeezer and each noise copy is one more model pass per
 record. Measured on digits and tabular with an honest (validation) reference,
@@ -71,10 +78,11 @@ from typing import Any
 import numpy as np
 import torch
 
-N_FEATURES = 15
+N_FEATURES = 17
 FEATURE_NAMES = ("log_1m_maxprob", "logit_margin", "squeeze_a_l1", "squeeze_b_l1", "noise_l1",
                  "noise_pred_prob", "logit_mahalanobis", "pca_residual", "entropy", "knn_agreement",
-                 "knn_distance", "input_mahalanobis", "log_logit_margin", "hidden_mahalanobis", "hidden_class_gap")
+                 "knn_distance", "input_mahalanobis", "log_logit_margin", "hidden_mahalanobis", "hidden_class_gap",
+                 "reformer_l1", "reformer_pred_prob")
 MAX_NEIGHBOURS = 2000
 MAX_HIDDEN_DIRECTIONS = 256  # wider penultimate layers are measured in their top principal directions
 
@@ -106,6 +114,7 @@ class FeatureSpec:
     # both empty when the model has no final linear layer to read
     hidden_whitening: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
     hidden_means: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    reformer: bool = False  # features 15-16: the model's answer on x projected onto the principal subspace
 
     def to_tree(self) -> dict[str, Any]:
         return {"input_shape": list(self.input_shape), "lo": self.lo, "hi": self.hi, "mean": self.mean,
@@ -114,7 +123,8 @@ class FeatureSpec:
                 "knn_scale": self.knn_scale, "knn_tau": self.knn_tau, "whitening": self.whitening,
                 "image": self.image, "bits": self.bits, "second_squeezer": self.second_squeezer,
                 "first_squeezer": self.first_squeezer, "n_features": self.n_features,
-                "hidden_whitening": self.hidden_whitening, "hidden_means": self.hidden_means}
+                "hidden_whitening": self.hidden_whitening, "hidden_means": self.hidden_means,
+                "reformer": self.reformer}
 
     @classmethod
     def from_tree(cls, tree: dict[str, Any]) -> FeatureSpec:
@@ -123,7 +133,8 @@ class FeatureSpec:
             "knn_scale")), float(tree["knn_tau"]), np.asarray(tree["whitening"], np.float32), bool(tree["image"]),
             int(tree["bits"]), bool(tree.get("second_squeezer", True)),
             bool(tree.get("first_squeezer", True)), int(tree.get("n_features", 12)),
-            *(np.asarray(tree.get(k, np.zeros((0, 0))), np.float32) for k in ("hidden_whitening", "hidden_means")))
+            *(np.asarray(tree.get(k, np.zeros((0, 0))), np.float32) for k in ("hidden_whitening", "hidden_means")),
+            bool(tree.get("reformer", False)))
 
 
 def is_image(input_shape: tuple[int, ...]) -> bool:
@@ -196,14 +207,19 @@ class FeatureExtractor:
         if self.spec.second_squeezer:
             variants.append(self._squeeze_b(x))
         variants += [(x + self.noise[j]).clamp(self.lo, self.hi) for j in range(n_noise)]
+        base = len(variants)  # the reformer's variant, when on, comes after these
+        xs = (x - self.mean) / self.std
+        projected = (xs @ self.pca) @ self.pca.T
+        if self.spec.reformer:
+            variants.append((self.mean + projected * self.std).clamp(self.lo, self.hi))
         # one model call over all variants: a single large matmul per layer beats several small ones
         logits_all, hidden_all = self.forward(torch.cat(variants))
         probs_all = torch.softmax(logits_all.float(), dim=1)
         logits, p = logits_all[:n].float(), probs_all[:n]
+        pr = probs_all[-n:] if self.spec.reformer else p
         pa = probs_all[n : 2 * n] if self.spec.first_squeezer else p
-        pb = probs_all[(len(variants) - n_noise - 1) * n : (len(variants) - n_noise) * n] \
-            if self.spec.second_squeezer else pa
-        pn = probs_all[(len(variants) - n_noise) * n :].reshape(n_noise, n, -1) if n_noise else p[None]
+        pb = probs_all[(base - n_noise - 1) * n : (base - n_noise) * n] if self.spec.second_squeezer else pa
+        pn = probs_all[(base - n_noise) * n : base * n].reshape(n_noise, n, -1) if n_noise else p[None]
         answer = p
         if record_probs is not None:
             have = torch.isfinite(record_probs).all(dim=1, keepdim=True)
@@ -212,8 +228,7 @@ class FeatureExtractor:
         top2 = logits.topk(2, dim=1).values
         diff = logits - self.logit_means[pred]
         maha = ((diff @ self.logit_prec) * diff).sum(1)
-        xs = (x - self.mean) / self.std
-        resid = xs - (xs @ self.pca) @ self.pca.T
+        resid = xs - projected
         pn_mean = pn.mean(0)
         xk = x / self.knn_scale
         d2 = (xk.pow(2).sum(1, keepdim=True) - 2 * xk @ self.knn_points.T + self.knn_sqnorm).clamp_min(0)
@@ -235,6 +250,8 @@ class FeatureExtractor:
             torch.log(top2[:, 0] - top2[:, 1] + 1e-3),
             hidden_maha,
             hidden_gap,
+            (p - pr).abs().sum(1),
+            pr.gather(1, pred[:, None])[:, 0],
         ]
         return torch.stack(feats[: self.spec.n_features], dim=1), feats[1]
 
@@ -253,7 +270,7 @@ class FeatureExtractor:
 
 def fit_spec(X: np.ndarray, input_shape: tuple[int, ...], forward: Forward, device: torch.device, n_noise: int,
              noise_scale: float, bits: int, pca_variance: float, seed: int, second_squeezer: bool = True,
-             first_squeezer: bool = True) -> FeatureSpec:
+             first_squeezer: bool = True, reformer: bool = False) -> FeatureSpec:
     """Fit the normal-data statistics the features are measured against."""
     X = np.asarray(X, np.float32)
     mean, std = X.mean(0), X.std(0)
@@ -293,7 +310,7 @@ def fit_spec(X: np.ndarray, input_shape: tuple[int, ...], forward: Forward, devi
     return FeatureSpec(tuple(input_shape), X.min(0), X.max(0), mean, std, pca, noise,
                        means.astype(np.float32), np.linalg.inv(cov).astype(np.float32), points.astype(np.float32),
                        onehot, knn_scale, tau, whitening, is_image(input_shape), bits, second_squeezer,
-                       first_squeezer, N_FEATURES, hidden_whitening, hidden_means)
+                       first_squeezer, N_FEATURES, hidden_whitening, hidden_means, reformer)
 
 
 def _hidden_statistics(H: np.ndarray, pred: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -143,6 +143,10 @@ class AdversarialDetector(Detector):
                                               "one more model pass per record; 0 = no stability features)")
         squeeze: bool = Field(False, description="feature-squeezing disagreement (bit depth for images, a fine "
                                                 "grid for tabular rows): one more model pass per record")
+        reformer: bool = Field(
+            True, description="features from the model's answer on the input projected onto the reference data's "
+                              "principal subspace (a linear MagNet reformer; features 15-16 of _adv_features): "
+                              "one more model pass per record")
         hidden_layer: bool = Field(
             False, description="features from the model's penultimate layer (Mahalanobis distance to the predicted "
                                "class, Lee et al. 2018; features 13-14 of _adv_features): measured, they moved "
@@ -306,7 +310,7 @@ class AdversarialDetector(Detector):
     def _fit_spec(self, X: np.ndarray, input_shape: tuple[int, ...], forward: Forward) -> FeatureSpec:
         o = self.opts
         return fit_spec(X, input_shape, forward, self.context.device, o.noise_copies, o.noise_scale,
-                        o.squeeze_bits, o.pca_variance, self.context.seed, o.second_squeezer, o.squeeze)
+                        o.squeeze_bits, o.pca_variance, self.context.seed, o.second_squeezer, o.squeeze, o.reformer)
 
     def _training_features(self, stats_part: ReferenceData, train_part: ReferenceData, cal_part: ReferenceData,
                            reference: ReferenceData, made: dict[str, int], lo: float, hi: float

@@ -331,7 +331,7 @@ def test_log_margin_feature_lets_one_weight_flag_the_boundary(digits, model, art
 
     det = fitted(digits, model, artifacts)
     j = FEATURE_NAMES.index("log_logit_margin")
-    assert det.spec.n_features == len(FEATURE_NAMES) == 15
+    assert det.spec.n_features == len(FEATURE_NAMES) == 17
     assert det.scorer[0].weight[0, j] < 0, "a smaller margin must push the score towards 'adversarial'"
     p = det.pvalues(deepfool_adv, model.predict_proba(deepfool_adv))
     print(f"digits DeepFool: TPR {(p <= 0.01).mean():.3f} over {len(p)}")
@@ -356,20 +356,52 @@ def test_detectors_saved_before_the_margin_feature_and_the_boundary_test_still_l
     np.testing.assert_array_equal(det.pvalues(X), ConformalCalibrator.fit(scores).rank_pvalues(stats[:, 0]))
 
 
-def test_detectors_saved_before_the_hidden_layer_features_still_load(digits, model, artifacts) -> None:
-    """Artifacts from a 13-feature detector (no penultimate-layer statistics) score with their 13 features."""
+@pytest.mark.parametrize("n_old", [13, 15])
+def test_detectors_saved_before_the_hidden_layer_and_reformer_features_still_load(digits, model, artifacts,
+                                                                                   n_old: int) -> None:
+    """Artifacts from a 13-feature detector (before the penultimate-layer statistics) or a 15-feature one (before
+    the reformer) score with their own features, which are what they always were."""
     old = dict(artifacts)
-    old["spec"] = {k: v for k, v in artifacts["spec"].items() if k not in ("hidden_whitening", "hidden_means")}
-    old["spec"]["n_features"] = 13
-    old["scorer"] = {"0.weight": artifacts["scorer"]["0.weight"][:, :13], "0.bias": artifacts["scorer"]["0.bias"]}
-    old["feat_mean"], old["feat_std"] = artifacts["feat_mean"][:13], artifacts["feat_std"][:13]
+    gone = ("hidden_whitening", "hidden_means", "reformer") if n_old == 13 else ("reformer",)
+    old["spec"] = {k: v for k, v in artifacts["spec"].items() if k not in gone}
+    old["spec"]["n_features"] = n_old
+    old["scorer"] = {"0.weight": artifacts["scorer"]["0.weight"][:, :n_old], "0.bias": artifacts["scorer"]["0.bias"]}
+    old["feat_mean"], old["feat_std"] = artifacts["feat_mean"][:n_old], artifacts["feat_std"][:n_old]
     det = fitted(digits, model, old)
-    assert det.spec.n_features == 13 and det.spec.hidden_whitening.size == 0
+    assert det.spec.n_features == n_old and det.spec.hidden_whitening.size == 0 and not det.spec.reformer
     X = torch.as_tensor(digits.X_test[:64])
     feats = det.extractor()(X)
-    assert feats.shape == (64, 13)
+    assert feats.shape == (64, n_old)
     new = fitted(digits, model, artifacts).extractor()(X)
-    torch.testing.assert_close(feats, new[:, :13])  # the first 13 features are what they always were
+    torch.testing.assert_close(feats, new[:, :n_old])
+
+
+def test_reformer_sees_what_the_projection_takes_back(digits, model, artifacts, pgd, deepfool_adv) -> None:
+    """On by default: projecting onto the reference's principal subspace leaves clean answers alone and moves
+    adversarial ones back (MagNet's reformer, linear); off, features 15-16 are the plain answer's."""
+    from detectors._adv_features import FEATURE_NAMES
+
+    j = FEATURE_NAMES.index("reformer_l1")
+    det = fitted(digits, model, artifacts)
+    assert det.spec.reformer
+    clean = det.extractor()(torch.as_tensor(digits.X_test))
+    adv = det.extractor()(torch.as_tensor(pgd))
+    df = det.extractor()(torch.as_tensor(deepfool_adv))
+    for name, f in (("clean", clean), ("PGD", adv), ("DeepFool", df)):
+        print(f"reformer {name}: L1 quartiles {np.quantile(f[:, j].numpy(), [.25, .5, .75]).round(3)}, "
+              f"p(pred) {np.quantile(f[:, j + 1].numpy(), [.25, .5, .75]).round(3)}")
+    # DeepFool's flip lives off the subspace: projected, the predicted class loses most of its probability
+    assert float(df[:, j].median()) > 0.3 > 0.05 > float(clean[:, j].quantile(0.75))
+    assert float(df[:, j + 1].median()) < 0.5 < 0.95 < float(clean[:, j + 1].median())
+    # strong PGD is robust to the projection (its perturbation is partly on the subspace): the other features
+    # carry it, but its answer still moves more than clean answers do
+    assert float(adv[:, j].median()) > 5 * float(clean[:, j].median())
+    det.spec.reformer = False
+    det._extractor = None
+    off = det.extractor()(torch.as_tensor(pgd))
+    assert (off[:, j] == 0).all()
+    torch.testing.assert_close(off[:, j + 1], torch.as_tensor(model.predict_proba(pgd)).max(1).values)
+    torch.testing.assert_close(off[:, :j], adv[:, :j])  # the other features do not depend on it
 
 
 class _NoLinearHead(torch.nn.Module):
@@ -434,7 +466,7 @@ def test_hidden_layer_option_reads_the_model_s_representation(digits, model, spl
 
     j = FEATURE_NAMES.index("hidden_mahalanobis")
     default = fitted(digits, model, artifacts)
-    assert (default.extractor()(torch.as_tensor(pgd))[:, j:] == 0).all()
+    assert (default.extractor()(torch.as_tensor(pgd))[:, j : j + 2] == 0).all()
     det = make(digits, model, hidden_layer=True)
     det.fit(ReferenceData(split[2], split[3], digits.input_shape))
     clean = det.extractor()(torch.as_tensor(digits.X_test))[:, j]
