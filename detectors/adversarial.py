@@ -148,9 +148,9 @@ class AdversarialDetector(Detector):
                               "principal subspace (a linear MagNet reformer; features 15-16 of _adv_features): "
                               "one more model pass per record")
         hidden_layer: bool = Field(
-            False, description="features from the model's penultimate layer (Mahalanobis distance to the predicted "
-                               "class, Lee et al. 2018; features 13-14 of _adv_features): measured, they moved "
-                               "calibrated TPRs both ways without raising AUROC on our models, so off by default")
+            True, description="features from the model's penultimate layer (Mahalanobis distance to the predicted "
+                              "class, Lee et al. 2018; features 13-14 of _adv_features), read by rewriting the "
+                              "exported graph; 0 when the model has no final linear layer")
         second_squeezer: bool = Field(False, description="also squeeze with 2x2 median smoothing (images) or a "
                                                         "coarse grid (tabular): one more model pass per record")
         noise_scale: float = Field(0.1, gt=0, description="noise std as a fraction of each feature's std")

@@ -368,7 +368,8 @@ def test_detectors_saved_before_the_hidden_layer_and_reformer_features_still_loa
     old["scorer"] = {"0.weight": artifacts["scorer"]["0.weight"][:, :n_old], "0.bias": artifacts["scorer"]["0.bias"]}
     old["feat_mean"], old["feat_std"] = artifacts["feat_mean"][:n_old], artifacts["feat_std"][:n_old]
     det = fitted(digits, model, old)
-    assert det.spec.n_features == n_old and det.spec.hidden_whitening.size == 0 and not det.spec.reformer
+    assert det.spec.n_features == n_old and not det.spec.reformer
+    assert (det.spec.hidden_whitening.size == 0) == (n_old == 13)
     X = torch.as_tensor(digits.X_test[:64])
     feats = det.extractor()(X)
     assert feats.shape == (64, n_old)
@@ -460,15 +461,16 @@ def test_hidden_layer_features_are_constant_without_a_penultimate_layer(digits, 
 
 
 def test_hidden_layer_option_reads_the_model_s_representation(digits, model, split, artifacts, pgd) -> None:
-    """Off by default (features 13-14 are 0); on, clean rows sit near their predicted class in the penultimate
-    layer and PGD examples further out, and a saved detector keeps reading that layer."""
+    """On by default: clean rows sit near their predicted class in the penultimate layer and PGD examples further
+    out, and a saved detector keeps reading that layer; off, features 13-14 are 0."""
     from detectors._adv_features import FEATURE_NAMES
 
     j = FEATURE_NAMES.index("hidden_mahalanobis")
-    default = fitted(digits, model, artifacts)
-    assert (default.extractor()(torch.as_tensor(pgd))[:, j : j + 2] == 0).all()
-    det = make(digits, model, hidden_layer=True)
-    det.fit(ReferenceData(split[2], split[3], digits.input_shape))
+    off = make(digits, model, hidden_layer=False)
+    off.fit(ReferenceData(split[2], split[3], digits.input_shape))
+    assert (off.extractor()(torch.as_tensor(pgd))[:, j : j + 2] == 0).all()
+    det = fitted(digits, model, artifacts)
+    assert det.spec.hidden_whitening.shape == (128, 128)
     clean = det.extractor()(torch.as_tensor(digits.X_test))[:, j]
     adv = det.extractor()(torch.as_tensor(pgd))[:, j]
     print(f"hidden Mahalanobis (log1p), median: clean {float(clean.median()):.2f}, PGD {float(adv.median()):.2f}")
