@@ -213,11 +213,11 @@ def test_evaluate_quick_meets_the_drift_goals() -> None:
     assert report["events_to_detect"] <= 500
 
 
-def feed(det: DriftVAE, X: np.ndarray, clients: list[str], labels: np.ndarray) -> list:
-    """Records 0.05 s apart from the named clients, in batches of 500; every finding raised."""
+def feed(det: DriftVAE, X: np.ndarray, clients: list[str], labels: np.ndarray, size: int = 500) -> list:
+    """Records 0.05 s apart from the named clients, in batches of ``size``; every finding raised."""
     found = []
-    for i in range(0, len(X), 500):
-        sl = slice(i, i + 500)
+    for i in range(0, len(X), size):
+        sl = slice(i, i + size)
         m = len(X[sl])
         found += det.update(InferenceBatch(
             ids=tuple(f"a{j}" for j in range(i, i + m)), ts=0.05 * np.arange(i, i + m), models=("m",) * m,
@@ -243,6 +243,27 @@ def test_a_few_ood_clients_do_not_open_a_drift_episode_that_hides_real_drift(dig
     shifted = run(det, noisy(digits, 2000, seed=22), start_ts=400.0, prefix="s")
     episodes = [f for f in shifted if f.title != "Out-of-distribution input"]
     assert len(episodes) >= 1 and episodes[0].related_ids[0].startswith("s")
+
+
+def test_a_few_ood_clients_in_small_batches_are_still_not_the_population(digits, artifacts) -> None:
+    """A live agent polls small batches: two attackers can be a fifth of one batch's distinct clients while
+    being 1 % of the clients sending; they are measured against the recent traffic, so no drift is raised,
+    and a real drift still is."""
+    rng = np.random.default_rng(5)
+    n = 8000
+    X = benign(digits, n, seed=23)
+    clients = [f"c{c}" for c in rng.integers(0, 200, n)]
+    attack = rng.random(n) < 0.12
+    X[attack] = rng.uniform(0, 1, (attack.sum(), digits.dim)).astype(np.float32)
+    for j in np.flatnonzero(attack):
+        clients[j] = f"attacker-{j % 2}"
+    det = fitted(digits, artifacts)
+    found = [f for f in feed(det, X, clients, np.full(n, -1), size=12) if f.title != "Out-of-distribution input"]
+    assert found == [], [(f.title, f.evidence.get("channel")) for f in found]
+    shifted = noisy(digits, 3000, seed=24)
+    more = [f for f in feed(det, shifted, [f"c{c}" for c in rng.integers(0, 200, 3000)], np.full(3000, -1),
+                            size=12) if f.title != "Out-of-distribution input"]
+    assert len(more) >= 1
 
 
 def few_clients_skew(digits: data.Dataset, det: DriftVAE, share: float = 0.2) -> list:
