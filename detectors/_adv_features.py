@@ -109,7 +109,7 @@ class FeatureSpec:
     bits: int
     second_squeezer: bool = True  # False: feature 3 repeats feature 2 (one model pass fewer per record)
     first_squeezer: bool = True  # False: no bit-depth squeezing either (feature 2 is 0)
-    n_features: int = N_FEATURES  # features the scorer reads: 12 or 13 for detectors fitted before 12 or 13 existed
+    n_features: int = N_FEATURES  # features the scorer reads: 12, 13 or 15 in detectors fitted before more existed
     # penultimate layer: whitening [h, r] of the shrunk shared covariance and the class means times it [k, r];
     # both empty when the model has no final linear layer to read
     hidden_whitening: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))

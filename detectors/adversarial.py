@@ -4,7 +4,7 @@ Why a learned detector on *generic* features rather than one statistic: each
 published single statistic (feature squeezing, Mahalanobis, noise stability)
 is strong against some attacks and blind to others. ``fit`` attacks the
 watched model itself (FGSM, PGD-L∞, PGD-L2, DeepFool at several strengths, on
-reference rows), computes the thirteen features of ``_adv_features`` for clean
+reference rows), computes the features of ``_adv_features`` for clean
 and attacked rows, and trains a logistic regression (or a small MLP) to tell
 them apart. Attacks never seen in fit (Carlini-Wagner, black-box SimBA, other
 strengths) are what the evaluation measures it on.
