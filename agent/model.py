@@ -104,7 +104,7 @@ def penultimate_view(module: nn.Module, input_shape: tuple[int, ...], device: to
             log.warning("model: cannot export it to read its penultimate layer (%s); hidden-layer features off", exc)
             return None
     out = next(n for n in gm.graph.nodes if n.op == "output")
-    node = out.args[0][0] if isinstance(out.args[0], (tuple, list)) else out.args[0]
+    logits = node = out.args[0][0] if isinstance(out.args[0], (tuple, list)) else out.args[0]
     while isinstance(node, torch.fx.Node) and node.op == "call_function":
         op = getattr(node.target, "__name__", str(node.target)).split(".")[0]
         if op == "linear":
@@ -126,8 +126,7 @@ def penultimate_view(module: nn.Module, input_shape: tuple[int, ...], device: to
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     for n in gm.graph.nodes:
         if n.op == "output":
-            graph.output((env[out.args[0][0] if isinstance(out.args[0], (tuple, list)) else out.args[0]],
-                          env[hidden]))
+            graph.output((env[logits], env[hidden]))
         else:
             env[n] = graph.node_copy(n, lambda a: env[a])
     view = torch.fx.GraphModule(gm, graph)

@@ -40,9 +40,9 @@ otherwise open a drift episode that then hides a real drift arriving while
 they are active. Each client's share of far-out records is tracked (EWMA,
 bounded LRU table); records of established clients whose share is high are
 left out of the drift tests *while such clients are a small minority* of the
-clients in the batch or in the recent traffic (``concentrated_max_share``), and a feature-mean shift
-or class-prior shift must survive leaving out the few clients pushing it most
-(``robust_share``).
+clients in the batch or in the recent traffic (``concentrated_max_share``),
+and a feature-mean shift or class-prior shift must survive leaving out the few
+clients pushing it most (``robust_share``).
 A real drift moves everyone, so it is never filtered away; the attackers' records still get
 their per-record findings and feed the extraction detector.
 """
@@ -314,8 +314,7 @@ class DriftVAE(Detector):
         share = self._share[uniq] * decay * (1.0 - w) + w * counts / len(batch)
         self._share[uniq], self._share_at[uniq] = share, self._total + len(batch)
         self._total += len(batch)
-        established = self._seen[uniq] >= self.opts.client_min_records
-        anomalous = established & (self._far_share_of(uniq) > self.opts.client_far_share)
+        anomalous = self._anomalous(uniq)
         keep = np.ones(len(batch), bool)
         if anomalous.any() and self._anomalous_are_few(len(uniq), int(anomalous.sum())):
             keep = ~anomalous[inv]
@@ -326,11 +325,13 @@ class DriftVAE(Detector):
         self._counters["attributed_to_clients"] += int((~keep).sum())
         return keep
 
-    def _far_share_of(self, slots: np.ndarray | slice) -> np.ndarray:
-        """Clients' far-out shares, bias-corrected for their first records (an EWMA that starts at 0 would
-        call a client that has sent only far-out records normal until its 14th one, at the default weight)."""
-        seen = self._seen[slots].astype(np.float64)
-        return self._far_share[slots] / np.maximum(1.0 - (1.0 - self.opts.client_ewma) ** seen, 1e-12)
+    def _anomalous(self, slots: np.ndarray | slice) -> np.ndarray:
+        """Established clients whose far-out share is high. The share is bias-corrected for a client's first
+        records (an EWMA that starts at 0 would call a client that has sent only far-out records normal until
+        its 14th one, at the default weight)."""
+        seen = self._seen[slots]
+        share = self._far_share[slots] / np.maximum(1.0 - (1.0 - self.opts.client_ewma) ** seen.astype(float), 1e-12)
+        return (seen >= self.opts.client_min_records) & (share > self.opts.client_far_share)
 
     def _anomalous_are_few(self, batch_clients: int, batch_anomalous: int) -> bool:
         """Whether the anomalous clients are a small minority (``concentrated_max_share``) of this batch's clients
@@ -341,8 +342,7 @@ class DriftVAE(Detector):
         a = 1.0 / self.opts.client_share_window
         recent = self._share[:hw] * (1.0 - a) ** (self._total - self._share_at[:hw]).astype(np.float64)
         active = recent > 0.1 * a
-        bad = active & (self._seen[:hw] >= self.opts.client_min_records) \
-            & (self._far_share_of(slice(0, hw)) > self.opts.client_far_share)
+        bad = active & self._anomalous(slice(0, hw))
         limit = self.opts.concentrated_max_share
         return batch_anomalous < limit * batch_clients or int(bad.sum()) < limit * max(int(active.sum()), 1)
 

@@ -29,11 +29,8 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from agent.model import WatchedModel
-from agent.reference import ReferenceData
 from agent.scenarios import data
-from agent.scenarios.evasion import _deploy, _scale
-from detectors.adversarial import AdversarialDetector
-from detectors.base import DetectorContext
+from agent.scenarios.evasion import _scale, fitted_detector, spread_deployment
 
 QUICK_ATTACKS = ("BIM Linf 0.15", "JSMA (L0)", "NewtonFool")
 
@@ -94,19 +91,9 @@ def attacks(ds: data.Dataset, model: WatchedModel) -> dict[str, Callable[[], Any
 def evaluate(name: str, seeds: list[int], architecture: str = "mlp", rows: int = 200,
              only: tuple[str, ...] | None = None, device: torch.device | None = None) -> dict[str, Any]:
     """Per ART attack and detector seed: calibrated TPR, TPR at the benign 99th percentile, AUROC."""
-    dev = device or torch.device("cpu")
-    ds = data.load(name)
-    model, X_ref, y_ref = _deploy(ds, dev, 0, architecture)
-    pick = np.random.default_rng(7).permutation(len(ds.X_test))
-    Xs, ys = ds.X_test[pick], ds.y_test[pick]
-    correct = model.predict_proba(Xs).argmax(1) == ys
-    Xs, ys = Xs[correct][:rows], ys[correct][:rows]
-    detectors = {}
-    for s in seeds:
-        det = AdversarialDetector(AdversarialDetector.Options(),
-                                  DetectorContext(dev, ds.input_shape, ds.n_classes, model, seed=s))
-        det.fit(ReferenceData(X_ref, y_ref, ds.input_shape))
-        detectors[s] = det
+    ds, model, X_ref, y_ref, Xs, ys = spread_deployment(name, device or torch.device("cpu"), architecture)
+    Xs, ys = Xs[:rows], ys[:rows]
+    detectors = {s: fitted_detector(ds, model, X_ref, y_ref, s) for s in seeds}
     benign = {s: det.anomaly_score(ds.X_test) for s, det in detectors.items()}
     report: dict[str, Any] = {
         "data": name, "architecture": architecture, "seeds": seeds, "rows_attacked": len(Xs),

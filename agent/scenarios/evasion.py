@@ -271,6 +271,27 @@ def evaluate(device: torch.device, quick: bool = False) -> dict[str, Any]:
     }
 
 
+def spread_deployment(name: str, device: torch.device, architecture: str = "mlp"
+                      ) -> tuple[data.Dataset, WatchedModel, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The eval's seed-0 deployment (data, model, reference X and y) and the test rows to attack: shuffled,
+    only those the model gets right (an input it already gets wrong needs no attack)."""
+    ds = data.load(name)
+    model, X_ref, y_ref = _deploy(ds, device, 0, architecture)
+    pick = np.random.default_rng(7).permutation(len(ds.X_test))
+    Xs, ys = ds.X_test[pick], ds.y_test[pick]
+    correct = model.predict_proba(Xs).argmax(1) == ys
+    return ds, model, X_ref, y_ref, Xs[correct], ys[correct]
+
+
+def fitted_detector(ds: data.Dataset, model: WatchedModel, X_ref: np.ndarray, y_ref: np.ndarray, seed: int,
+                    options: dict[str, Any] | None = None) -> AdversarialDetector:
+    """An ``adversarial`` detector fitted on the reference with its own ``seed`` (its split of the reference)."""
+    det = AdversarialDetector(AdversarialDetector.Options(**(options or {})),
+                              DetectorContext(model.device, ds.input_shape, ds.n_classes, model, seed=seed))
+    det.fit(ReferenceData(X_ref, y_ref, ds.input_shape))
+    return det
+
+
 def seed_spread(name: str, seeds: list[int], options: dict[str, Any] | None = None,
                 device: torch.device | None = None, architecture: str = "mlp") -> list[dict[str, float]]:
     """Calibrated TPR, FPR and AUROC per *detector* seed: how much one split of a small reference moves them.
@@ -281,21 +302,13 @@ def seed_spread(name: str, seeds: list[int], options: dict[str, Any] | None = No
     unique test rows (each counted once, not the eval's 30,000 draws of them).
     ``architecture`` ``cnn`` watches :class:`DigitsCNN` instead of the MLP.
     """
-    dev = device or torch.device("cpu")
-    ds = data.load(name)
-    model, X_ref, y_ref = _deploy(ds, dev, 0, architecture)
-    pick = np.random.default_rng(7).permutation(len(ds.X_test))
-    Xs, ys = ds.X_test[pick], ds.y_test[pick]
-    correct = model.predict_proba(Xs).argmax(1) == ys
-    Xs, ys = Xs[correct], ys[correct]
+    ds, model, X_ref, y_ref, Xs, ys = spread_deployment(name, device or torch.device("cpu"), architecture)
     attacks_ok = {}
     for variant, adv in _craft(model, ds, Xs, ys, 0).items():
         attacks_ok[variant] = adv[model.predict_proba(adv).argmax(1) != ys]
     rows = []
     for s in seeds:
-        det = AdversarialDetector(AdversarialDetector.Options(**(options or {})),
-                                  DetectorContext(dev, ds.input_shape, ds.n_classes, model, seed=s))
-        det.fit(ReferenceData(X_ref, y_ref, ds.input_shape))
+        det = fitted_detector(ds, model, X_ref, y_ref, s, options)
         row = {"seed": s, "fpr": float((det.pvalues(ds.X_test) <= det.opts.fpr).mean())}
         benign = det.anomaly_score(ds.X_test)
         for variant, adv in attacks_ok.items():
