@@ -10,10 +10,11 @@ them apart. Attacks never seen in fit (Carlini-Wagner, black-box SimBA, other
 strengths) are what the evaluation measures it on.
 
 The threshold is not learned from attacks: the scorer's output for every
-record is turned into a conformal p-value against held-out *clean* reference
-rows (and jittered copies of them), so flagging ``p <= fpr`` has a
-false-positive rate of about ``fpr`` on data like the reference data. The
-p-value goes to ``notes["adv_score"]``.
+record is turned into a p-value against held-out *clean* reference rows (a
+conformal rank, with a tail model over the top tenth of them, see
+``TailCalibrator``), so flagging ``p <= fpr`` has a false-positive rate of
+about ``fpr`` on data like the reference data. The p-value goes to
+``notes["adv_score"]``.
 
 What to pass as reference (``inferwatch train --reference DATA``): held-out
 (validation) rows the monitored model did *not* train on, with labels if you
@@ -37,14 +38,15 @@ the calibration rows are unseen by the model they are scored with.
 Boundary test (option ``boundary_test``, on by default): minimal-perturbation
 attacks (DeepFool, Carlini-Wagner, decision-based black-box searches that stop
 at the first flip) end on the decision boundary, so a second test flags logit
-margins smaller than held-out clean rows have. The two tests are calibrated
-jointly (``MinPCalibrator``), so ``fpr`` holds for their OR; that needs at
-least ``2 / fpr - 1`` calibration rows, and below that the test is switched
-off with a warning. Measured on digits over six detector seeds
-(``python -m agent.scenarios.evasion digits 0,1,2,3,4,5 [boundary_test]``):
-CW-L2 TPR 0.48 -> 0.98 and DeepFool 0.91 -> 0.97, at the price of PGD-L2 at
-a large budget 0.67 -> 0.51 and PGD-L∞ 0.999 -> 0.976, since natural mistakes
-near the boundary then take part of the false-positive budget.
+margins smaller than held-out clean rows have. It spends ``boundary_share`` of
+``fpr`` and the learned score the rest (``OrCalibrator``), so ``fpr`` holds for
+their OR. Measured over ten detector seeds on digits (``python -m
+agent.scenarios.evasion digits 0,...,9``, add ``'{"boundary_test": false}'``
+for without), the test lifts CW-L2 0.75 -> 0.98 and costs large-budget PGD-L2
+(confidently wrong, far past the boundary) 0.78 -> 0.66, since natural
+mistakes near the boundary take part of the false-positive budget. Before each test had a tail model it was 0.53: a
+joint rank of the two tests on 315 calibration rows set the learned score's
+threshold at the single largest calibration score.
 
 Global input shift: a drift moves every client's inputs, and a scorer that
 has only seen clean data calls much of the moved data adversarial (measured:
@@ -83,7 +85,7 @@ from agent.reference import ReferenceData
 from detectors import _attacks as attacks
 from detectors._adv_features import N_FEATURES, FeatureExtractor, FeatureSpec, Forward, fit_spec
 from detectors._client_slots import ClientSlots, EvictionAlarm
-from detectors._conformal import MinPCalibrator
+from detectors._conformal import ConformalCalibrator, OrCalibrator
 from detectors.base import Detector, DetectorOptions
 
 log = logging.getLogger(__name__)
@@ -168,9 +170,10 @@ class AdversarialDetector(Detector):
                               "trained on them (natural, unfamiliar inputs and honest mistakes are not attacks)")
         boundary_test: bool = Field(
             True, description="a second test: flag logit margins (top-1 minus top-2) smaller than held-out clean "
-                              "rows have, where minimal-perturbation and decision-based attacks stop; calibrated "
-                              "jointly with the learned score, so `fpr` holds for the OR; switched off below "
-                              "2/fpr - 1 calibration rows")
+                              "rows have, where minimal-perturbation and decision-based attacks stop; it spends "
+                              "`boundary_share` of `fpr`, the learned score the rest, so `fpr` holds for the OR")
+        boundary_share: float = Field(0.5, gt=0, lt=1,
+                                      description="share of `fpr` the boundary test spends (weighted Bonferroni)")
         hidden: int = Field(0, ge=0, description="width of the scoring MLP; 0 = logistic regression")
         epochs: int = Field(400, ge=10, description="full-batch training epochs of the scoring MLP")
         max_record_findings_per_batch: int = Field(100, ge=0, description="cap on per-record findings per batch")
@@ -212,7 +215,7 @@ class AdversarialDetector(Detector):
         self.scorer: nn.Module | None = None
         self.feat_mean: np.ndarray | None = None
         self.feat_std: np.ndarray | None = None
-        self.calibrator: MinPCalibrator | None = None
+        self.calibrator: OrCalibrator | None = None
         self.typical_distance = 1.0
         self.fit_report: dict[str, Any] = {}
         self._extractor: FeatureExtractor | None = None
@@ -260,14 +263,6 @@ class AdversarialDetector(Detector):
     def _fit(self, reference: ReferenceData, fit_part: ReferenceData, cal_part: ReferenceData) -> None:
         model = self._model()
         dev = self.context.device
-        n_cal = len(cal_part.X) * (3 if self.opts.calibration_jitter > 0 else 1)
-        boundary_note = "on" if self.opts.boundary_test else "off (option)"
-        if self.opts.boundary_test and not MinPCalibrator.resolves(n_cal, 2, self.opts.fpr):
-            # too few calibration rows for an OR of two tests at this fpr: one test keeps its full resolution
-            boundary_note = (f"off: {n_cal} calibration rows cannot resolve two tests at fpr {self.opts.fpr} "
-                             f"(needs {int(np.ceil(2 / self.opts.fpr)) - 1}); give more reference rows")
-            log.warning("adversarial: boundary test %s", boundary_note)
-            self.opts = self.opts.model_copy(update={"boundary_test": False})
         lo, hi = float(reference.X.min()), float(reference.X.max())
         # Features of a row must never be measured against normal-data statistics (neighbours, PCA) that contain
         # the row itself. Cross-fitting: the non-calibration rows are split in two; each half is attacked and
@@ -300,12 +295,19 @@ class AdversarialDetector(Detector):
         for p in scorer.parameters():
             p.requires_grad_(False)
         self.scorer = scorer
-        self.calibrator = MinPCalibrator.fit(self._calibration_statistics(cal_part.X, lo, hi))
+        self.calibrator = self._calibrator(self._calibration_statistics(cal_part.X, lo, hi))
         ref = fit_part.X[np.random.default_rng(self.context.seed).permutation(len(fit_part.X))[:400]]
         dists = np.linalg.norm(ref[: len(ref) // 2] - ref[len(ref) // 2 : 2 * (len(ref) // 2)], axis=1)
         self.typical_distance = float(np.median(dists)) if len(dists) else 1.0
         self.fit_report = {"adversarials": made, "clean": len(f_clean), "calibration": len(cal_part.X),
-                           "boundary_test": boundary_note}
+                           "boundary_test": "on" if self.opts.boundary_test else "off (option)"}
+
+    def _calibrator(self, stats: np.ndarray) -> OrCalibrator:
+        """The learned score's test, ORed with the boundary test (a negated margin: never above 0) when it is on."""
+        if stats.shape[1] == 1:
+            return OrCalibrator.fit(stats)
+        share = self.opts.boundary_share
+        return OrCalibrator.fit(stats, shares=(1.0 - share, share), upper_ends=(None, 0.0))
 
     def _fit_spec(self, X: np.ndarray, input_shape: tuple[int, ...], forward: Forward) -> FeatureSpec:
         o = self.opts
@@ -434,7 +436,7 @@ class AdversarialDetector(Detector):
 
     def pvalues(self, X: np.ndarray, probs: np.ndarray | None = None) -> np.ndarray:
         """Calibrated p-value per row: small = more adversarial-looking than held-out clean rows."""
-        return self.calibrator.rank_pvalues(self.statistics(X, probs))
+        return self.calibrator.pvalues(self.statistics(X, probs))
 
     def anomaly_score(self, X: np.ndarray, probs: np.ndarray | None = None) -> np.ndarray:
         """One continuous score per row (higher = more adversarial) over every test: for ranking and ROC curves."""
@@ -460,15 +462,13 @@ class AdversarialDetector(Detector):
             p.requires_grad_(False)
         self.feat_mean = np.asarray(tree["feat_mean"], np.float32)
         self.feat_std = np.asarray(tree["feat_std"], np.float32)
-        if "boundary_test" in tree:
-            self.opts = self.opts.model_copy(update={"boundary_test": bool(tree["boundary_test"])})
-            self.calibrator = MinPCalibrator.from_tree(tree["calibrator"])
-        else:  # saved before the boundary test: one learned score, one calibrator
-            from detectors._conformal import ConformalCalibrator
-
-            self.opts = self.opts.model_copy(update={"boundary_test": False})
-            cal = ConformalCalibrator.from_tree(tree["calibrator"])
-            self.calibrator = MinPCalibrator((cal,), cal.sorted_scores[:, None])
+        self.opts = self.opts.model_copy(update={"boundary_test": bool(tree.get("boundary_test", False))})
+        cal = tree["calibrator"]
+        if "shares" in cal:
+            self.calibrator = OrCalibrator.from_tree(cal)
+        else:  # saved before the tail-modelled calibration: refit it from the calibration statistics they kept
+            stats = cal["stats"] if "stats" in cal else ConformalCalibrator.from_tree(cal).sorted_scores[:, None]
+            self.calibrator = self._calibrator(np.asarray(stats, dtype=np.float64))
         self.typical_distance = float(tree["typical_distance"])
         self.fit_report = dict(tree.get("fit_report", {}))
         self._extractor = None
@@ -482,7 +482,7 @@ class AdversarialDetector(Detector):
             notes["adv_flagged"] = np.zeros(0, dtype=bool)
             return []
         stats = self.statistics(batch.X, batch.probs)
-        p = self.calibrator.rank_pvalues(stats)
+        p = self.calibrator.pvalues(stats)
         scores = self.calibrator.tail_score(stats)  # continuous, for ranking records within shifted traffic
         notes["adv_score"] = p
         raw_flagged = p <= self.opts.fpr

@@ -339,8 +339,9 @@ def test_log_margin_feature_lets_one_weight_flag_the_boundary(digits, model, art
 
 
 def test_detectors_saved_before_the_margin_feature_and_the_boundary_test_still_load(digits, model, artifacts) -> None:
-    """Artifacts from a 12-feature detector (one calibrator, no n_features) score as they always did."""
-    from detectors._conformal import ConformalCalibrator
+    """Artifacts from a 12-feature detector (one calibrator, no n_features) score with their own features; their
+    threshold is refitted from the calibration scores they kept, with the tail model of today's calibration."""
+    from detectors._conformal import ConformalCalibrator, OrCalibrator
 
     old = {k: v for k, v in artifacts.items() if k != "boundary_test"}
     old["spec"] = {k: v for k, v in artifacts["spec"].items() if k != "n_features"}
@@ -353,7 +354,24 @@ def test_detectors_saved_before_the_margin_feature_and_the_boundary_test_still_l
     X = digits.X_test[:64]
     stats = det.statistics(X)
     assert stats.shape == (64, 1)
-    np.testing.assert_array_equal(det.pvalues(X), ConformalCalibrator.fit(scores).rank_pvalues(stats[:, 0]))
+    np.testing.assert_array_equal(det.pvalues(X), OrCalibrator.fit(scores[:, None]).pvalues(stats))
+
+
+def test_detectors_saved_with_the_joint_rank_calibration_load_with_a_refitted_threshold(digits, model,
+                                                                                       artifacts) -> None:
+    """Artifacts whose calibrator kept the calibration rows' statistics (the joint rank of the learned score and
+    the margin, before the tail model) are recalibrated from those rows on load: same rows, today's p-values."""
+    det = fitted(digits, model, artifacts)
+    stats = np.asarray(det.calibrator.parts[0].sorted_scores)  # any clean-looking learned scores
+    margins = np.asarray(det.calibrator.parts[1].sorted_scores)
+    old = dict(artifacts)
+    old["calibrator"] = {"parts": [], "stats": np.stack([stats, margins], axis=1)}
+    again = fitted(digits, model, old)
+    assert again.opts.boundary_test is True
+    X = digits.X_test[:64]
+    np.testing.assert_array_equal(again.pvalues(X), again._calibrator(old["calibrator"]["stats"]).pvalues(
+        again.statistics(X)))
+    assert again.calibrator.parts[1].upper_end == 0.0
 
 
 @pytest.mark.parametrize("n_old", [13, 15])
@@ -497,14 +515,18 @@ def test_boundary_test_flags_minimal_perturbations_at_the_same_fpr(digits, model
     np.testing.assert_array_equal(again.pvalues(deepfool_adv), det.pvalues(deepfool_adv))
 
 
-def test_boundary_test_switches_itself_off_when_calibration_cannot_resolve_it(digits, model, split) -> None:
-    """Two tests at fpr 0.01 need at least 199 calibration rows; with fewer, one test keeps full resolution."""
-    few = ReferenceData(split[2][:300], split[3][:300], digits.input_shape)  # holdout 0.5: 150 calibration rows
+def test_boundary_test_stays_on_and_sharp_with_few_calibration_rows(digits, model, split, deepfool_adv) -> None:
+    """A joint rank of two tests at fpr 0.01 needed 199 calibration rows and switched the boundary test off below;
+    the tail-modelled halves resolve it on 100 rows, and DeepFool, which stops on the boundary, is caught."""
+    few = ReferenceData(split[2][:200], split[3][:200], digits.input_shape)  # holdout 0.5: 100 calibration rows
     det = make(digits, model, boundary_test=True)
     det.fit(few)
-    assert det.opts.boundary_test is False
-    assert det.fit_report["boundary_test"].startswith("off: 150 calibration rows")
-    assert det.statistics(digits.X_test[:8]).shape == (8, 1)
+    assert det.opts.boundary_test is True and det.fit_report["boundary_test"] == "on"
+    assert det.statistics(digits.X_test[:8]).shape == (8, 2)
+    fpr = float((det.pvalues(digits.X_test) <= 0.01).mean())
+    tpr = float((det.pvalues(deepfool_adv) <= 0.01).mean())
+    print(f"100 calibration rows: DeepFool TPR {tpr:.3f}, clean FPR {fpr:.4f}")
+    assert tpr >= 0.9 and fpr <= 0.025
 
 
 def test_cross_fitting_keeps_every_detector_split_sharp_on_linf_attacks() -> None:

@@ -295,37 +295,6 @@ def test_a_mean_or_class_shift_that_a_few_clients_make_is_not_population_drift(d
     assert counters["mean_shifts_left_to_clients"] > 0 and counters["label_shifts_left_to_clients"] > 0
 
 
-def test_min_p_calibrator_holds_its_false_positive_rate_and_resolves_single_extremes() -> None:
-    """The OR of two statistics, calibrated as one: p <= a flags about a of normal rows, not 2a."""
-    from detectors._conformal import MinPCalibrator
-
-    rng = np.random.default_rng(0)
-
-    def normal_rows(n: int) -> np.ndarray:
-        a = rng.normal(size=n)
-        return np.stack([a, 0.5 * a + rng.normal(size=n)], axis=1)
-
-    rates = []
-    for _ in range(100):
-        cal = MinPCalibrator.fit(normal_rows(400))
-        p = cal.rank_pvalues(normal_rows(2000))
-        rates.append([(p <= a).mean() for a in (0.01, 0.05)])
-    rate_01, rate_05 = np.mean(rates, axis=0)
-    assert 0.006 <= rate_01 <= 0.0105 and 0.04 <= rate_05 <= 0.0505
-    # Bonferroni-free: a row beyond every calibration row in one statistic only gets 2/(n+1), in both 1/(n+1)
-    n = len(cal.stats)
-    p = cal.rank_pvalues(np.array([[50.0, 0.0], [0.0, 50.0], [50.0, 50.0], [np.nan, 0.0]]))
-    np.testing.assert_allclose(p, [2 / (n + 1), 2 / (n + 1), 1 / (n + 1), 1.0])
-    assert MinPCalibrator.resolves(199, 2, 0.01) and not MinPCalibrator.resolves(198, 2, 0.01)
-    # one statistic: exactly that statistic's own conformal p-value
-    one = MinPCalibrator.fit(normal_rows(300)[:, :1])
-    s = rng.normal(size=(50, 1))
-    np.testing.assert_array_equal(one.rank_pvalues(s), one.parts[0].rank_pvalues(s[:, 0]))
-    back = MinPCalibrator.from_tree(cal.to_tree())
-    q = normal_rows(100)
-    np.testing.assert_array_equal(back.rank_pvalues(q), cal.rank_pvalues(q))
-
-
 def test_smooth_pvalues_rank_rows_inside_the_calibration_range_without_ties() -> None:
     """For ranking (ROC curves, rows within shifted traffic): strictly falling where rank p-values step."""
     cal = ConformalCalibrator.fit(np.arange(1.0, 101.0))
