@@ -129,25 +129,31 @@ class TailCalibrator:
     a threshold at the true 99th percentile catches.
 
     Over the top ``k`` scores (peaks over threshold; Pickands-Balkema-de Haan:
-    excesses over a high threshold follow a generalised Pareto law) the p-value
-    comes from a tail whose *shape is fixed*, not fitted, since a few dozen
-    points cannot pin a shape down:
+    excesses over a high threshold follow a generalised Pareto law with shape
+    ``xi``) the p-value comes from such a tail. A few dozen points pin a shape
+    down poorly, so the shape is a fixed default unless the data say the tail
+    is *heavier*, never lighter (a heavier tail means fewer alarms):
 
-    - ``upper_end=None``: exponential excesses (shape 0), the light-tailed case;
-      the scale is their mean. Lighter real tails make it conservative.
+    - ``upper_end=None``: exponential excesses (``xi = 0``), or the
+      probability-weighted-moments estimate (Hosking & Wallis 1987, closed form
+      and steadier than maximum likelihood on small samples) when it is above 0.
     - ``upper_end=e``: a statistic that cannot exceed ``e`` (a negated logit
-      margin never exceeds 0) with a density finite and non-zero there, so the
-      tail probability falls linearly to 0 at ``e`` (shape -1). A density that
-      vanishes at ``e`` makes it conservative.
+      margin never exceeds 0). Default: a density finite and non-zero at ``e``,
+      so the tail probability falls linearly to 0 there (``xi = -1``); when the
+      top scores crowd ``e`` more than that, the fitted power ``(d / d_k)^g``
+      of the distance ``d`` to ``e`` (Hill-type estimate, ``g < 1``,
+      ``xi = -1/g``).
 
     Below the top ``k`` the plain conformal rank; the two meet at the threshold.
     """
 
     sorted_scores: np.ndarray  # float64 ascending
-    tail_threshold: float  # the (k+1)-th largest score; +inf when the tail model is off
-    tail_scale: float  # mean excess over the threshold, or the distance from it to the upper end
-    tail_mass: float  # (k+1)/(n+1): the rank p-value just above the threshold
-    upper_end: float | None
+    tail_threshold: float  # u: the (k+1)-th largest score; +inf when the tail model is off
+    tail_scale: float  # sigma of the generalised Pareto excesses over u
+    tail_shape: float  # xi: 0 exponential, > 0 heavier (Pareto-like), < 0 ends at u - sigma / xi
+    tail_mass: float  # (k+1)/(n+1): the rank p-value just above u
+
+    MIN_POWER = 0.05  # floor of the bounded tail's power g (xi >= -20), for a top crowded at the end
 
     @classmethod
     def fit(cls, scores: np.ndarray, upper_end: float | None = None, tail_fraction: float = 0.1,
@@ -163,11 +169,20 @@ class TailCalibrator:
         if upper_end is not None and scores[-1] > upper_end:
             raise ValueError(f"calibration score {scores[-1]} exceeds the statistic's upper end {upper_end}")
         k = min(max(min_tail, round(tail_fraction * n)), n - 1)
-        threshold = float(scores[-k - 1])
-        scale = float(np.mean(scores[-k:] - threshold)) if upper_end is None else upper_end - threshold
-        if scale <= 0:  # ties at the top (or at the end): no tail to model, the rank alone
-            threshold, scale = np.inf, 1.0
-        return cls(scores, threshold, scale, (k + 1) / (n + 1), upper_end)
+        u = float(scores[-k - 1])
+        top = scores[scores > u]  # the top k, less any tied with u
+        mass = (1 + len(top)) / (n + 1)  # the rank p-value just above u, ties or not
+        shape, scale = 0.0, 0.0
+        if len(top) and upper_end is None:
+            shape, scale = _pwm_shape_scale(top - u)
+        elif len(top):
+            span = upper_end - u
+            logs = np.log(span / np.maximum(upper_end - top, span * 1e-12))  # distances to the end, as powers
+            power = float(np.clip(len(top) / max(logs.sum(), 1e-300), cls.MIN_POWER, 1.0))
+            shape, scale = -1.0 / power, span / power
+        if not (np.isfinite(scale) and scale > 1e-300 and np.isfinite(shape)):
+            return cls(scores, np.inf, 1.0, 0.0, mass)  # ties at the top: no tail to model, the rank alone
+        return cls(scores, u, float(scale), float(shape), mass)
 
     def pvalues(self, scores: np.ndarray, smooth: bool = False) -> np.ndarray:
         """float64 p-values, small = more extreme than the calibration scores.
@@ -180,28 +195,51 @@ class TailCalibrator:
         c = self.sorted_scores
         n = len(c)
         if smooth:
-            p = (1.0 + n - np.interp(scores, c, np.arange(n, dtype=np.float64))) / (n + 1.0)
+            # the rank, interpolated inside the gap between neighbouring calibration scores (np.interp
+            # overflows on a gap below ~1e-308: it divides by the gap first)
+            i = np.clip(np.searchsorted(c, scores, side="right") - 1, 0, n - 2)
+            gap = c[i + 1] - c[i]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                frac = np.where(gap > 0, np.clip((scores - c[i]) / np.where(gap > 0, gap, 1.0), 0.0, 1.0), 0.0)
+            p = (1.0 + n - (i + frac)) / (n + 1.0)
         else:
             p = (1.0 + n - np.searchsorted(c, scores, side="left")) / (n + 1.0)
-        excess = scores - self.tail_threshold
-        with np.errstate(invalid="ignore", over="ignore"):
-            if self.upper_end is None:
-                tail = self.tail_mass * np.exp(-excess / self.tail_scale)
-            else:
-                tail = self.tail_mass * np.clip(1.0 - excess / self.tail_scale, 0.0, 1.0)
-        p = np.where(excess > 0, tail, p)
+        z = np.maximum(scores - self.tail_threshold, 0.0) / self.tail_scale
+        xi = self.tail_shape
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            # past the end of a bounded tail (xi < 0) the base is <= 0: probability 0
+            tail = np.exp(-z) if xi == 0.0 else np.maximum(1.0 + xi * z, 0.0) ** (-1.0 / xi)
+        p = np.where(scores > self.tail_threshold, self.tail_mass * tail, p)
         return np.where(np.isnan(scores), 1.0, p)
 
     def to_tree(self) -> dict[str, Any]:
         return {"sorted_scores": self.sorted_scores, "tail_threshold": self.tail_threshold,
-                "tail_scale": self.tail_scale, "tail_mass": self.tail_mass,
-                "upper_end": self.upper_end}
+                "tail_scale": self.tail_scale, "tail_shape": self.tail_shape, "tail_mass": self.tail_mass}
 
     @classmethod
     def from_tree(cls, tree: dict[str, Any]) -> TailCalibrator:
-        end = tree["upper_end"]
         return cls(np.asarray(tree["sorted_scores"], dtype=np.float64), float(tree["tail_threshold"]),
-                   float(tree["tail_scale"]), float(tree["tail_mass"]), None if end is None else float(end))
+                   float(tree["tail_scale"]), float(tree["tail_shape"]), float(tree["tail_mass"]))
+
+
+def _pwm_shape_scale(excess: np.ndarray) -> tuple[float, float]:
+    """Generalised Pareto (shape, scale) of excesses over a threshold, the shape floored at 0 (exponential).
+
+    Probability-weighted moments (Hosking & Wallis, Technometrics 1987), with
+    ``a0 = E[Y]`` and ``a1 = E[Y (1 - F(Y))]`` from plotting positions:
+    ``shape = 2 - a0 / (a0 - 2 a1)``, ``scale = 2 a0 a1 / (a0 - 2 a1)``.
+    Below 0 the exponential with the mean excess as scale is used instead.
+    """
+    y = np.sort(excess)
+    k = len(y)
+    a0 = float(y.mean())
+    a1 = float(np.mean((1.0 - (np.arange(1, k + 1) - 0.35) / k) * y))
+    d = a0 - 2.0 * a1
+    if d > 0:
+        shape = 2.0 - a0 / d
+        if shape > 0:
+            return min(shape, 0.9), 2.0 * a0 * a1 / d
+    return 0.0, a0
 
 
 @dataclass(frozen=True)

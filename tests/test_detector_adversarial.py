@@ -371,7 +371,7 @@ def test_detectors_saved_with_the_joint_rank_calibration_load_with_a_refitted_th
     X = digits.X_test[:64]
     np.testing.assert_array_equal(again.pvalues(X), again._calibrator(old["calibrator"]["stats"]).pvalues(
         again.statistics(X)))
-    assert again.calibrator.parts[1].upper_end == 0.0
+    assert again.calibrator.parts[1].tail_shape <= -1.0  # the margin test keeps its bounded tail
 
 
 @pytest.mark.parametrize("n_old", [13, 15])
