@@ -300,7 +300,21 @@ class AdversarialDetector(Detector):
         dists = np.linalg.norm(ref[: len(ref) // 2] - ref[len(ref) // 2 : 2 * (len(ref) // 2)], axis=1)
         self.typical_distance = float(np.median(dists)) if len(dists) else 1.0
         self.fit_report = {"adversarials": made, "clean": len(f_clean), "calibration": len(cal_part.X),
-                           "boundary_test": "on" if self.opts.boundary_test else "off (option)"}
+                           "boundary_test": "on" if self.opts.boundary_test else "off (option)",
+                           "threshold": self._threshold_note(len(self.calibrator.parts[0].sorted_scores))}
+
+    def _threshold_note(self, n_calibration: int) -> str:
+        """Whether each test's threshold lies inside its calibration scores or past them all (then it rests
+        on the tail model alone, a shape fixed or fitted on a few points: say so, and what would fix it)."""
+        smallest = min(self.calibrator.shares) * self.opts.fpr
+        if smallest * (n_calibration + 1) >= 1:
+            return "inside the calibration scores"
+        needed = int(np.ceil(1 / smallest)) - 1
+        note = (f"extrapolated: {n_calibration} calibration rows put the {smallest:.2%} threshold past the largest "
+                f"calibration score, on the tail model alone; {needed} calibration rows (reference rows x "
+                f"holdout {self.opts.holdout}) would hold it inside the data")
+        log.warning("adversarial: threshold %s", note)
+        return note
 
     def _calibrator(self, stats: np.ndarray) -> OrCalibrator:
         """The learned score's test, ORed with the boundary test (a negated margin: never above 0) when it is on."""

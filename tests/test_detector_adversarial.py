@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -501,6 +502,7 @@ def test_boundary_test_flags_minimal_perturbations_at_the_same_fpr(digits, model
     det = make(digits, model, boundary_test=True)
     det.fit(ReferenceData(split[2], split[3], digits.input_shape))
     assert det.fit_report["boundary_test"] == "on"
+    assert det.fit_report["threshold"] == "inside the calibration scores"  # 315 rows resolve half of 1 %
     stats = det.statistics(digits.X_test)
     assert stats.shape == (len(digits.X_test), 2)
     clean_p = det.pvalues(digits.X_test, model.predict_proba(digits.X_test))
@@ -515,13 +517,18 @@ def test_boundary_test_flags_minimal_perturbations_at_the_same_fpr(digits, model
     np.testing.assert_array_equal(again.pvalues(deepfool_adv), det.pvalues(deepfool_adv))
 
 
-def test_boundary_test_stays_on_and_sharp_with_few_calibration_rows(digits, model, split, deepfool_adv) -> None:
+def test_boundary_test_stays_on_and_sharp_with_few_calibration_rows(digits, model, split, deepfool_adv,
+                                                                   caplog) -> None:
     """A joint rank of two tests at fpr 0.01 needed 199 calibration rows and switched the boundary test off below;
     the tail-modelled halves resolve it on 100 rows, and DeepFool, which stops on the boundary, is caught."""
     few = ReferenceData(split[2][:200], split[3][:200], digits.input_shape)  # holdout 0.5: 100 calibration rows
     det = make(digits, model, boundary_test=True)
-    det.fit(few)
+    with caplog.at_level(logging.WARNING, logger="detectors.adversarial"):
+        det.fit(few)
     assert det.opts.boundary_test is True and det.fit_report["boundary_test"] == "on"
+    # half of 1 % on 100 rows is past the largest calibration score: the user is told, with what would fix it
+    assert det.fit_report["threshold"].startswith("extrapolated: 100 calibration rows put the 0.50% threshold")
+    assert "199 calibration rows" in caplog.text
     assert det.statistics(digits.X_test[:8]).shape == (8, 2)
     fpr = float((det.pvalues(digits.X_test) <= 0.01).mean())
     tpr = float((det.pvalues(deepfool_adv) <= 0.01).mean())
