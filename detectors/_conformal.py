@@ -72,21 +72,6 @@ class ConformalCalibrator:
         p = np.where(np.isnan(scores), 1.0, p)
         return p
 
-    def smooth_pvalues(self, scores: np.ndarray) -> np.ndarray:
-        """``pvalues`` with the rank interpolated between neighbouring calibration scores: continuous, for ranking.
-
-        Not for thresholds (use ``rank_pvalues``): it exists so that rows inside
-        the calibration range do not tie when they are ranked against each other.
-        """
-        scores = np.asarray(scores, dtype=np.float64)
-        n = len(self.sorted_scores)
-        below = np.interp(scores, self.sorted_scores, np.arange(n, dtype=np.float64))
-        p = (1.0 + n - below) / (n + 1.0)  # 1 at the lowest calibration score, 2/(n+1) at the highest
-        beyond = scores > self.sorted_scores[-1]
-        if beyond.any():  # past them all: the Pareto tail
-            p[beyond] = self.pvalues(scores[beyond])
-        return np.where(np.isnan(scores), 1.0, p)
-
     def rank_pvalues(self, scores: np.ndarray) -> np.ndarray:
         """Plain conformal p-values, floored at 1/(n+1): exact validity, used for sequential tests."""
         scores = np.asarray(scores, dtype=np.float64)
@@ -151,7 +136,7 @@ class TailCalibrator:
     tail_threshold: float  # u: the (k+1)-th largest score; +inf when the tail model is off
     tail_scale: float  # sigma of the generalised Pareto excesses over u
     tail_shape: float  # xi: 0 exponential, > 0 heavier (Pareto-like), < 0 ends at u - sigma / xi
-    tail_mass: float  # (k+1)/(n+1): the rank p-value just above u
+    tail_mass: float  # (1 + #scores above u)/(n+1): the rank p-value just above u
 
     MIN_POWER = 0.05  # floor of the bounded tail's power g (xi >= -20), for a top crowded at the end
 

@@ -44,9 +44,10 @@ their OR. Measured over ten detector seeds on digits (``python -m
 agent.scenarios.evasion digits 0,...,9``, add ``'{"boundary_test": false}'``
 for without), the test lifts CW-L2 0.75 -> 0.98 and costs large-budget PGD-L2
 (confidently wrong, far past the boundary) 0.78 -> 0.65, since natural
-mistakes near the boundary take part of the false-positive budget. Before each test had a tail model it was 0.53: a
-joint rank of the two tests on 315 calibration rows set the learned score's
-threshold at the single largest calibration score.
+mistakes near the boundary take part of the false-positive budget. Before each
+test had a tail model it cost 0.53: a joint rank of the two tests on 315
+calibration rows set the learned score's threshold at the single largest
+calibration score.
 
 Global input shift: a drift moves every client's inputs, and a scorer that
 has only seen clean data calls much of the moved data adversarial (measured:

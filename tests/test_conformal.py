@@ -123,3 +123,19 @@ def test_round_trip_and_errors_that_say_what_to_fix() -> None:
         OrCalibrator.fit(normal_rows(rng, 150)[:, :1], shares=(0.5, 0.5))
     with pytest.raises(ValueError, match="at least 20 calibration scores"):
         fit(normal_rows(rng, 10))
+
+
+def test_smooth_pvalues_rank_rows_between_calibration_scores_without_ties() -> None:
+    """For ranking (ROC curves, rows within shifted traffic): strictly falling where rank p-values step, equal
+    to them at the calibration scores, and the tail model's past the threshold."""
+    cal = TailCalibrator.fit(np.arange(1.0, 101.0))
+    s = np.linspace(0.0, 150.0, 601)
+    p = cal.pvalues(s, smooth=True)
+    assert (np.diff(p) <= 0).all()
+    inside = (s > 1.0) & (s < cal.tail_threshold)
+    assert len(np.unique(p[inside])) == inside.sum(), "no ties between calibration scores"
+    assert len(np.unique(cal.pvalues(s[inside]))) < inside.sum() / 3
+    at = np.array([20.0, 50.0, 80.0])
+    np.testing.assert_allclose(cal.pvalues(at, smooth=True), cal.pvalues(at))
+    past = np.array([95.5, 120.0])
+    np.testing.assert_array_equal(cal.pvalues(past, smooth=True), cal.pvalues(past))

@@ -293,16 +293,3 @@ def test_a_mean_or_class_shift_that_a_few_clients_make_is_not_population_drift(d
     assert few_clients_skew(digits, det) == []
     counters = det.state_dict()["counters"]
     assert counters["mean_shifts_left_to_clients"] > 0 and counters["label_shifts_left_to_clients"] > 0
-
-
-def test_smooth_pvalues_rank_rows_inside_the_calibration_range_without_ties() -> None:
-    """For ranking (ROC curves, rows within shifted traffic): strictly falling where rank p-values step."""
-    cal = ConformalCalibrator.fit(np.arange(1.0, 101.0))
-    s = np.linspace(0.0, 150.0, 601)
-    p = cal.smooth_pvalues(s)
-    assert (np.diff(p) <= 0).all()
-    inside = (s > 1.0) & (s < 100.0)
-    assert len(np.unique(p[inside])) == inside.sum(), "no ties between calibration scores"
-    assert len(np.unique(cal.rank_pvalues(s[inside]))) < inside.sum() / 3
-    np.testing.assert_allclose(cal.smooth_pvalues(np.array([50.0, 100.0])), cal.rank_pvalues(np.array([50.0, 100.0])))
-    np.testing.assert_array_equal(cal.smooth_pvalues(np.array([120.0])), cal.pvalues(np.array([120.0])))
