@@ -42,14 +42,7 @@ class ConformalCalibrator:
     @classmethod
     def fit(cls, scores: np.ndarray, tail_fraction: float = 0.1, min_tail: int = 10) -> ConformalCalibrator:
         """Calibrate on scores of held-out normal data (never the data the scorer was fitted on)."""
-        scores = np.sort(np.asarray(scores, dtype=np.float64))
-        if len(scores) < 20:
-            raise ValueError(
-                f"need at least 20 calibration scores to calibrate p-values, got {len(scores)}; "
-                "give the detector more reference rows"
-            )
-        if not np.isfinite(scores).all():
-            raise ValueError("calibration scores contain NaN or infinity; check the reference data")
+        scores = _sorted_calibration_scores(scores)
         k = max(min_tail, round(tail_fraction * len(scores)))
         k = min(k, len(scores) - 1)
         logs = np.log(np.maximum(scores - scores[0], 0.0) + _offset(scores))
@@ -144,13 +137,8 @@ class TailCalibrator:
     def fit(cls, scores: np.ndarray, upper_end: float | None = None, tail_fraction: float = 0.1,
             min_tail: int = 10) -> TailCalibrator:
         """Calibrate on scores of held-out normal data (never the data the scorer was fitted on)."""
-        scores = np.sort(np.asarray(scores, dtype=np.float64))
+        scores = _sorted_calibration_scores(scores)
         n = len(scores)
-        if n < 20:
-            raise ValueError(f"need at least 20 calibration scores to calibrate p-values, got {n}; "
-                             "give the detector more reference rows")
-        if not np.isfinite(scores).all():
-            raise ValueError("calibration scores contain NaN or infinity; check the reference data")
         if upper_end is not None and scores[-1] > upper_end:
             raise ValueError(f"calibration score {scores[-1]} exceeds the statistic's upper end {upper_end}")
         k = min(max(min_tail, round(tail_fraction * n)), n - 1)
@@ -277,6 +265,17 @@ class OrCalibrator:
     def from_tree(cls, tree: dict[str, Any]) -> OrCalibrator:
         return cls(tuple(TailCalibrator.from_tree(t) for t in tree["parts"]),
                    tuple(float(s) for s in np.asarray(tree["shares"]).ravel()))
+
+
+def _sorted_calibration_scores(scores: np.ndarray) -> np.ndarray:
+    """float64 ascending, or an error saying what to fix: too few rows to calibrate on, or non-finite scores."""
+    scores = np.sort(np.asarray(scores, dtype=np.float64))
+    if len(scores) < 20:
+        raise ValueError(f"need at least 20 calibration scores to calibrate p-values, got {len(scores)}; "
+                         "give the detector more reference rows")
+    if not np.isfinite(scores).all():
+        raise ValueError("calibration scores contain NaN or infinity; check the reference data")
+    return scores
 
 
 def _offset(sorted_scores: np.ndarray) -> float:

@@ -86,7 +86,7 @@ from agent.reference import ReferenceData
 from detectors import _attacks as attacks
 from detectors._adv_features import N_FEATURES, FeatureExtractor, FeatureSpec, Forward, fit_spec
 from detectors._client_slots import ClientSlots, EvictionAlarm
-from detectors._conformal import ConformalCalibrator, OrCalibrator
+from detectors._conformal import OrCalibrator
 from detectors.base import Detector, DetectorOptions
 
 log = logging.getLogger(__name__)
@@ -487,7 +487,7 @@ class AdversarialDetector(Detector):
         if "shares" in cal:
             self.calibrator = OrCalibrator.from_tree(cal)
         else:  # saved before the tail-modelled calibration: refit it from the calibration statistics they kept
-            stats = cal["stats"] if "stats" in cal else ConformalCalibrator.from_tree(cal).sorted_scores[:, None]
+            stats = cal["stats"] if "stats" in cal else np.asarray(cal["sorted_scores"])[:, None]
             self.calibrator = self._calibrator(np.asarray(stats, dtype=np.float64))
         self.typical_distance = float(tree["typical_distance"])
         self.fit_report = dict(tree.get("fit_report", {}))

@@ -308,10 +308,8 @@ class DriftVAE(Detector):
         # No single client speaks for the population: a client whose share of the recent traffic (EWMA over
         # about `client_share_window` records) exceeds `client_max_share` counts only up to that share (a prober
         # sending hundreds of queries around one input would otherwise shift the class prior alone).
-        a = 1.0 / self.opts.client_share_window
-        decay = (1.0 - a) ** (self._total - self._share_at[uniq]).astype(np.float64)
-        w = 1.0 - (1.0 - a) ** len(batch)
-        share = self._share[uniq] * decay * (1.0 - w) + w * counts / len(batch)
+        w = 1.0 - (1.0 - 1.0 / self.opts.client_share_window) ** len(batch)
+        share = self._recent_share(uniq) * (1.0 - w) + w * counts / len(batch)
         self._share[uniq], self._share_at[uniq] = share, self._total + len(batch)
         self._total += len(batch)
         anomalous = self._anomalous(uniq)
@@ -324,6 +322,11 @@ class DriftVAE(Detector):
             keep &= group_ranks(slots) < allowed[inv]
         self._counters["attributed_to_clients"] += int((~keep).sum())
         return keep
+
+    def _recent_share(self, slots: np.ndarray | slice) -> np.ndarray:
+        """Clients' share of the recent traffic now: each one's EWMA decayed by the records sent since it was set."""
+        since = (self._total - self._share_at[slots]).astype(np.float64)
+        return self._share[slots] * (1.0 - 1.0 / self.opts.client_share_window) ** since
 
     def _anomalous(self, slots: np.ndarray | slice) -> np.ndarray:
         """Established clients whose far-out share is high. The share is bias-corrected for a client's first
@@ -339,9 +342,7 @@ class DriftVAE(Detector):
         small batch can hold a few attackers and few tenants, and those attackers are still not the population
         (seen in a demo run: a covariate false alarm from extraction clients in batches of ~50 records)."""
         hw = self._slots.high_water
-        a = 1.0 / self.opts.client_share_window
-        recent = self._share[:hw] * (1.0 - a) ** (self._total - self._share_at[:hw]).astype(np.float64)
-        active = recent > 0.1 * a
+        active = self._recent_share(slice(0, hw)) > 0.1 / self.opts.client_share_window
         bad = active & self._anomalous(slice(0, hw))
         limit = self.opts.concentrated_max_share
         return batch_anomalous < limit * batch_clients or int(bad.sum()) < limit * max(int(active.sum()), 1)
