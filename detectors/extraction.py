@@ -62,6 +62,7 @@ from scipy.special import bdtrc, chdtrc
 from agent.findings import Finding, Severity
 from agent.records import InferenceBatch
 from agent.reference import ReferenceData
+from detectors import _probe_pattern as probe_pattern
 from detectors._client_slots import ClientSlots, EvictionAlarm, group_ranks
 from detectors._swilk import shapiro_w
 from detectors.base import Detector, DetectorContext, DetectorOptions
@@ -857,7 +858,7 @@ class ExtractionDetector(Detector):
             evidence["class_entropy_bits"] = float(-(share * np.log2(share)).sum())
         evidence["reasons"] = {k: float(v) for k, v in reasons.items()}
         evidence["queries_at_first_detection"] = int(self.camp_first_count[s])
-        attacks, kind = self._classify(s, reasons, flags)
+        attacks, kind = self._classify(s, reasons)
         evidence["pattern"] = kind
         strength = min(1.0, max(-math.log10(max(min(
             [v for k2, v in reasons.items() if k2 != "prada"] or [1.0]), 1e-300)) / 30, 0.0)
@@ -894,34 +895,17 @@ class ExtractionDetector(Detector):
             pmf = np.convolve(pmf, stats.betabinom.pmf(np.arange(n_g + 1), n_g, a, b))
         return float(min(1.0, pmf[hits:].sum())) if hits < len(pmf) else 0.0
 
-    def _classify(self, s: int, reasons: dict[str, Any], flags: np.ndarray) -> tuple[tuple[str, ...], str]:
-        """Name the likely technique from the shape of the client's window.
-
-        Probing runs (near duplicates or a tight cluster) whose top class's
-        confidence climbs from low to high are inversion; runs that walk away
-        from their first class, or sit on a boundary, are black-box evasion
-        optimisation; a tight cluster otherwise is membership probing;
-        everything else is extraction.
-        """
-        probing = "near_duplicates" in reasons or "concentrated" in reasons
-        if probing and self._k is not None:
-            p = self._ordered(self.win_prob, s)
-            p = p[np.isfinite(p).all(1)]
-            if len(p) >= 8:
-                q = max(len(p) // 4, 1)
-                target = int(np.argmax(p[-q:].mean(0)))
-                track = p[:, target]
-                rho = stats.spearmanr(np.arange(len(p)), track).statistic if np.ptp(track) > 0 else 0.0
-                start, end = p[:q, target].mean(), p[-q:, target].mean()
-                if np.isfinite(rho) and rho > 0.6 and end - start > 0.2 and start < 0.5:
-                    return ("AML.T0024.001", "AML.T0024"), "model_inversion"
-                first = int(np.argmax(p[:q].mean(0)))
-                low = (flags & _LOW_MARGIN).astype(bool).mean()
-                if p[:q, first].mean() - p[-q:, first].mean() > 0.2 or low > 0.5:
-                    return ("AML.T0043.001",), "black_box_probing"
-        if "concentrated" in reasons:
-            return ("AML.T0024.000", "AML.T0024"), "membership_inference"
-        return ("AML.T0024.002", "AML.T0024"), "extraction"
+    def _classify(self, s: int, reasons: dict[str, Any]) -> tuple[tuple[str, ...], str]:
+        """Name the likely technique from the client's window (``_probe_pattern``: chain by chain)."""
+        flags = self._ordered(self.win_flags, s)
+        n, H = int(self.hist_len[s]), self.opt.history
+        ring = (int(self.hist_pos[s]) - n + np.arange(n)) % H  # arrival order
+        distinct = ring[~self.hist_rep[s, ring]]
+        rows = self.hist[s, torch.as_tensor(distinct, device=self.hist.device)].cpu().numpy()
+        return probe_pattern.classify(
+            self._ordered(self.win_prob, s) if self._k is not None else None, (flags & _NEAR_DUP) > 0,
+            (flags & _LOW_MARGIN) > 0, rows, probing="near_duplicates" in reasons or "concentrated" in reasons,
+            concentrated="concentrated" in reasons)
 
     # ------------------------------------------------------------ checkpoints
     _ARRAYS = ("hist_len", "hist_rep", "hist_pos", "win_dist", "win_flags", "win_label",

@@ -309,6 +309,9 @@ def evaluate(device: torch.device, quick: bool = False) -> dict:
         "missed": [f"{v['dataset']}/{v['variant']}" for v in variants if not v["detected"]],
         "queries_to_detect": max((v["queries_to_detect"] for v in detected), default=None),
         "queries_to_detect_median": float(np.median([v["queries_to_detect"] for v in detected])) if detected else None,
+        # the technique a finding names (ATLAS id): what the SOC triages by
+        "pattern_named_right": float(np.mean([v["pattern"] == v["expected_pattern"] for v in detected]))
+        if detected else None,
         "goal": f"every attacker flagged within {GOAL_QUERIES} queries, no benign client flagged",
         "benign_clients": benign,
         "variants": variants,

@@ -1,0 +1,135 @@
+"""Which technique a flagged probing client is using, read from the answers it got, chain by chain.
+
+A probing client (near-duplicate or tightly clustered queries) is one of three
+things, and the SOC needs the right ATLAS technique for each:
+
+- **black-box evasion** (SimBA, HopSkipJump, Boundary, ZOO): each run of small
+  steps walks *away* from the class its seed had, until the label flips; then
+  a new seed starts a new run. Or it sits on the decision boundary
+  (decision-based attacks), or its consecutive queries differ in a few input
+  features only (coordinate-wise search and finite-difference gradient
+  estimates: SimBA's pixel basis, ZOO), which shows even while its steps
+  have not yet moved the model's answer;
+- **model inversion**: a run of small steps *climbs* one class's confidence
+  until the model is sure;
+- **membership inference**: many near copies of one record, confidence
+  moving no way in particular.
+
+Why runs ("chains"): a client that restarts from a new seed after each flip
+makes a saw-tooth of its confidences; over the whole window that reads as
+neither a fall nor a climb (or as a climb, from a low tail end to a fresh
+seed). A chain is a maximal run of consecutive queries each a near duplicate
+of the client's earlier ones; a query that is not starts a new chain.
+Inversion also needs the client's queries to be concentrated (one evolving
+input): a synthetic-data extraction attacker (JbDA) pushes its earlier
+queries deeper into their own classes, round after round, and its rounds can
+read as climbs, but they spread over many seeds.
+
+Why log-odds, computed from the *other* classes' mass: a model's confidence
+saturates, so probabilities of 0.93 → 1.0 or 1.0 → 0.9 hide climbs and falls
+of ten nats, and a float32 probability of the top class rounds to exactly 1
+while the rest of the distribution still carries the information.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+from scipy import stats
+
+MIN_CHAIN = 8  # queries a chain needs before its trend says anything
+TREND_RHO = 0.6  # Spearman correlation of a class's log-odds with query order that counts as a trend
+SPARSE_SHARE = 0.1  # a step that changes at most this share of the input's features (at least 2) is sparse
+TREND_NATS = 1.0  # least change of that log-odds between a chain's first and last quarter
+_TINY = float(np.finfo(np.float32).tiny)  # answers arrive as float32: below this a probability is noise
+
+INVERSION = (("AML.T0024.001", "AML.T0024"), "model_inversion")
+BLACK_BOX = (("AML.T0043.001",), "black_box_probing")
+MEMBERSHIP = (("AML.T0024.000", "AML.T0024"), "membership_inference")
+EXTRACTION = (("AML.T0024.002", "AML.T0024"), "extraction")
+
+
+def log_odds(probs: np.ndarray, cls: int) -> np.ndarray:
+    """log p_cls - log(sum of the other classes) per row; each side floored at float32's smallest normal
+    number (so at most about ±87 nats)."""
+    own = probs[:, cls].astype(np.float64)
+    rest = np.delete(probs, cls, axis=1).astype(np.float64).sum(1)  # not 1 - own: that cancels near 1
+    return np.log(np.maximum(own, _TINY)) - np.log(np.maximum(rest, _TINY))
+
+
+def chains(near_duplicate: np.ndarray) -> list[slice]:
+    """Maximal runs of queries in which every query after the first is a near duplicate of earlier ones."""
+    starts = np.flatnonzero(~near_duplicate.astype(bool))
+    bounds = np.r_[0, starts[starts > 0], len(near_duplicate)]
+    return [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+
+
+def _trend(values: np.ndarray) -> tuple[float, float]:
+    """(Spearman rho with query order, last-quarter mean minus first-quarter mean)."""
+    q = max(len(values) // 4, 1)
+    rho = stats.spearmanr(np.arange(len(values)), values).statistic if np.ptp(values) > 0 else 0.0
+    return (float(rho) if np.isfinite(rho) else 0.0), float(values[-q:].mean() - values[:q].mean())
+
+
+def chain_trends(probs: np.ndarray, near_duplicate: np.ndarray) -> tuple[int, int]:
+    """(queries in climbing chains, queries in falling chains) of a window in arrival order.
+
+    A chain climbs when the class it ends on gains log-odds steadily; it falls
+    when the class it started on loses them steadily. A chain that starts on
+    one class and climbs another (inversion from a blank input the model calls
+    something else) does both and counts as climbing: a black-box evasion
+    stops at the first flip, so the class its chain ends on is still the one
+    it started on.
+    """
+    climbing = falling = 0
+    for run in chains(near_duplicate):
+        p = probs[run]
+        if len(p) < MIN_CHAIN:
+            continue
+        q = max(len(p) // 4, 1)
+        end_cls = int(np.argmax(p[-q:].mean(0)))
+        end = log_odds(p, end_cls)
+        rho, change = _trend(end)
+        if rho > TREND_RHO and change > TREND_NATS:
+            climbing += len(p)
+            continue
+        rho, change = _trend(log_odds(p, int(np.argmax(p[:q].mean(0)))))
+        if rho < -TREND_RHO and change < -TREND_NATS:
+            falling += len(p)
+    return climbing, falling
+
+
+def sparse_step_share(rows: np.ndarray) -> float:
+    """Share of consecutive distinct queries that differ in few input features (0 with fewer than 2 rows)."""
+    if len(rows) < 2:
+        return 0.0
+    steps = np.abs(np.diff(rows.astype(np.float64), axis=0))
+    tol = 1e-6 * max(float(np.abs(rows).max()), 1.0)
+    changed = (steps > tol).sum(1)
+    return float((changed <= max(2, int(np.ceil(SPARSE_SHARE * rows.shape[1])))).mean())
+
+
+def classify(probs: np.ndarray | None, near_duplicate: np.ndarray, low_margin: np.ndarray, rows: np.ndarray,
+             probing: bool, concentrated: bool) -> tuple[tuple[str, ...], str]:
+    """(ATLAS techniques, pattern name) of a flagged client.
+
+    ``probs`` (the model's answers; rows NaN where a record carried none; None
+    when answers are unknown), ``near_duplicate`` and ``low_margin`` are per
+    query of the client's window, in arrival order; ``rows`` are its recent
+    distinct queries, in arrival order. Only probing clients (near duplicates
+    or a tight cluster) can be inversion or black-box evasion.
+    """
+    if probing:
+        if probs is not None:
+            have = np.isfinite(probs).all(1)
+            climbing, falling = chain_trends(probs[have], near_duplicate[have])
+            if concentrated and climbing and climbing >= falling:
+                return INVERSION
+            if falling > climbing:
+                return BLACK_BOX
+        if low_margin.mean() > 0.5 or sparse_step_share(rows) > 0.5:
+            return BLACK_BOX
+    if concentrated:
+        return MEMBERSHIP
+    return EXTRACTION

@@ -1,0 +1,97 @@
+"""Naming a flagged probing client's technique (detectors/_probe_pattern.py), and on the eval's attackers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from detectors import _probe_pattern as pp
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(1, keepdims=True))
+    return (z / z.sum(1, keepdims=True)).astype(np.float32)
+
+
+def two_class(gap: np.ndarray) -> np.ndarray:
+    """float32 answers of a two-class model whose logit gap (class 0 minus class 1) is ``gap``."""
+    return softmax(np.c_[gap, np.zeros_like(gap)])
+
+
+def test_log_odds_reads_a_saturated_answer() -> None:
+    probs = two_class(np.array([20.0, 30.0, 40.0]))
+    assert (probs[:, 0] == 1.0).all()  # float32 rounds the top class to exactly 1 ...
+    np.testing.assert_allclose(pp.log_odds(probs, 0), [20.0, 30.0, 40.0], rtol=1e-4)  # ... the rest still tells
+    np.testing.assert_allclose(pp.log_odds(probs, 1), [-20.0, -30.0, -40.0], rtol=1e-4)
+
+
+def test_chains_start_at_each_query_that_is_not_a_near_duplicate() -> None:
+    near = np.array([0, 1, 1, 0, 1, 0, 0, 1], bool)
+    assert [(c.start, c.stop) for c in pp.chains(near)] == [(0, 3), (3, 5), (5, 6), (6, 8)]
+    assert [(c.start, c.stop) for c in pp.chains(np.ones(4, bool))] == [(0, 4)]
+
+
+def walk(n: int, dim: int = 30, step: float = 0.05, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.cumsum(rng.normal(0, step, (n, dim)), axis=0).astype(np.float32)
+
+
+def test_a_saturated_climb_is_inversion_and_needs_concentration() -> None:
+    rng = np.random.default_rng(1)
+    gap = np.linspace(25, 45, 60) + rng.normal(0, 1, 60)  # p rounds to 1.0 all along: only log-odds see it
+    probs, near, low, rows = two_class(gap), np.r_[False, np.ones(59, bool)], np.zeros(60, bool), walk(60)
+    assert pp.classify(probs, near, low, rows, probing=True, concentrated=True) == pp.INVERSION
+    # the same climb spread over many seeds (not concentrated) is how JbDA's rounds look: not inversion
+    assert pp.classify(probs, near, low, rows, probing=True, concentrated=False) == pp.EXTRACTION
+
+
+def test_restarting_falls_are_black_box_evasion() -> None:
+    # three seeds, each walked down from a confident answer to the first flip, then a fresh seed
+    gap = np.concatenate([np.linspace(12, -0.1, 25) for _ in range(3)])
+    near = np.ones(75, bool)
+    near[[0, 25, 50]] = False
+    probs = two_class(gap)
+    assert pp.chain_trends(probs, near) == (0, 75)
+    # over the whole window the saw-tooth neither climbs nor falls
+    assert pp.chain_trends(probs, np.r_[False, np.ones(74, bool)]) == (0, 0)
+    assert pp.classify(probs, near, np.zeros(75, bool), walk(64), True, False) == pp.BLACK_BOX
+
+
+def test_coordinate_steps_are_black_box_even_before_the_answer_moves() -> None:
+    base = np.random.default_rng(2).normal(0, 1, 30).astype(np.float32)
+    rows = np.repeat(base[None], 40, 0)
+    for i in range(40):  # x + eps e_j, x - eps e_j, ...: one feature at a time
+        rows[i, i % 30] += 0.5 if i % 2 else -0.5
+    probs = two_class(np.full(40, 30.0) + np.random.default_rng(3).normal(0, 0.5, 40))
+    near, low = np.r_[False, np.ones(39, bool)], np.zeros(40, bool)
+    assert pp.sparse_step_share(rows) == 1.0
+    assert pp.classify(probs, near, low, rows, probing=True, concentrated=True) == pp.BLACK_BOX
+    # noisy copies of one record change every feature: membership probing
+    noisy = base + np.random.default_rng(4).normal(0, 0.1, (40, 30)).astype(np.float32)
+    assert pp.sparse_step_share(noisy) == 0.0
+    assert pp.classify(probs, near, low, noisy, probing=True, concentrated=True) == pp.MEMBERSHIP
+
+
+def test_boundary_sitting_is_black_box_and_non_probing_is_extraction() -> None:
+    probs = two_class(np.random.default_rng(5).normal(0, 3, 50))
+    near = np.ones(50, bool)
+    low = np.r_[np.ones(30, bool), np.zeros(20, bool)]
+    rows = walk(50, step=1.0)
+    assert pp.classify(probs, near, low, rows, probing=True, concentrated=False) == pp.BLACK_BOX
+    assert pp.classify(probs, near, low, rows, probing=False, concentrated=False) == pp.EXTRACTION
+    assert pp.classify(None, near, ~low, rows, probing=True, concentrated=True) == pp.MEMBERSHIP
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,seed", [("digits", 1), ("tabular", 0), ("tabular", 3)])
+def test_eval_attackers_are_named_right(name: str, seed: int) -> None:
+    """Every detected attacker of the extraction scenario gets the technique it uses (seeds chosen before the
+    classification was rewritten: tabular 0 named inversion membership probing and SimBA extraction)."""
+    from agent.scenarios.extraction import run_dataset
+
+    report = run_dataset(name, torch.device("cpu"), quick=False, seed=seed)
+    named = {v["variant"]: (v["pattern"], v["expected_pattern"]) for v in report["variants"] if v["pattern"]}
+    assert {"simba", "inversion", "membership"} <= set(named), named
+    wrong = {k: v for k, v in named.items() if v[0] != v[1]}
+    assert not wrong, wrong
