@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -137,6 +138,55 @@ def _binom_tail(k: int, n: int, p: float) -> float:
     return float(bdtrc(k - 1, n, p)) if k > 0 else 1.0
 
 
+@dataclass(frozen=True)
+class _Whitening:
+    """x -> (x - shift) whitened by the reference's Ledoit-Wolf covariance, at a cost of O(d * rank) per row.
+
+    The top ``rank`` principal directions are scaled one by one; the rest
+    share their mean variance (with ``rank >= d`` this is the exact inverse
+    square root of the shrunk covariance).
+    """
+
+    shift: np.ndarray  # [d]
+    basis: np.ndarray  # [d, r] top principal directions
+    gain: np.ndarray  # [r]: 1/sqrt(variance) of each direction minus `rest`
+    rest: float  # 1/sqrt(mean variance of the other directions)
+
+    @classmethod
+    def fit(cls, X: np.ndarray, rank: int) -> _Whitening:
+        from sklearn.covariance import LedoitWolf
+
+        X = np.asarray(X, np.float64)
+        cov = LedoitWolf().fit(X).covariance_
+        evals, evecs = np.linalg.eigh(cov)
+        order = np.argsort(evals)[::-1]
+        evals, evecs = np.maximum(evals[order], 1e-12), evecs[:, order]
+        r = min(rank, len(evals))
+        rest = 1.0 / math.sqrt(float(evals[r:].mean())) if r < len(evals) else 0.0
+        return cls(X.mean(0), evecs[:, :r], 1.0 / np.sqrt(evals[:r]) - rest, rest)
+
+    def apply_np(self, X: np.ndarray) -> np.ndarray:
+        c = np.asarray(X, np.float64) - self.shift
+        return (c * self.rest + ((c @ self.basis) * self.gain) @ self.basis.T).astype(np.float32)
+
+    def tensors(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        t = lambda a: torch.as_tensor(np.asarray(a, np.float32), device=device)  # noqa: E731
+        return t(self.shift), t(self.basis), t(self.gain), t(self.rest)
+
+    @staticmethod
+    def apply(x: torch.Tensor, shift: torch.Tensor, basis: torch.Tensor, gain: torch.Tensor,
+              rest: torch.Tensor) -> torch.Tensor:
+        c = x - shift
+        return c * rest + ((c @ basis) * gain) @ basis.T
+
+    def to_tree(self) -> dict[str, Any]:
+        return {"shift": self.shift, "basis": self.basis, "gain": self.gain, "rest": self.rest}
+
+    @classmethod
+    def from_tree(cls, tree: dict[str, Any]) -> _Whitening:
+        return cls(*(np.asarray(tree[k], np.float64) for k in ("shift", "basis", "gain")), float(tree["rest"]))
+
+
 class ExtractionDetector(Detector):
     """Per-client PRADA + near-duplicate / boundary / OOD query-pattern detector."""
 
@@ -182,6 +232,10 @@ class ExtractionDetector(Detector):
                                                       "with noise also produce")
         min_dup_rate: float = Field(0.02, gt=0, lt=1, description="floor of the benign near-duplicate rate")
         centroids: int = Field(128, ge=2, le=4096, description="k-means centroids summarising the reference data")
+        cover_rank: int = Field(128, ge=1, le=4096,
+                                description="principal directions whitened one by one for the off-reference "
+                                            "distance; the rest share their mean variance (bounds the cost "
+                                            "per query for wide inputs)")
         off_reference_rate: float = Field(0.05, gt=0, lt=0.5,
                                           description="share of held-out reference rows allowed beyond the "
                                                       "off-reference radius (the benign rate tested against)")
@@ -212,6 +266,8 @@ class ExtractionDetector(Detector):
         self.centroids: torch.Tensor | None = None
         self.centroid_sq: torch.Tensor | None = None
         self.off_reference_radius: float = float("inf")
+        self.cover_whitening: _Whitening | None = None  # the space the centroids live in (None: input space)
+        self._cover_t: tuple[torch.Tensor, ...] | None = None
         self.central_map: torch.Tensor | None = None  # [d, r]: whitening map of the class-centre distance
         self.central_means: torch.Tensor | None = None  # [k, r]: class centres, mapped
         self.central_radius: np.ndarray | None = None  # [k]: per class, squared too-central radius (-inf: none)
@@ -286,23 +342,34 @@ class ExtractionDetector(Detector):
         }
 
     def _fit_reference_cover(self, reference: ReferenceData) -> None:
-        """Centroids of half the reference; the other half sets the off-reference radius.
+        """Centroids of half the reference, in whitened space; the other half sets the off-reference radius.
 
         A query farther from every centroid than ``1 - off_reference_rate`` of
         held-out benign rows is "off reference". Synthetic, random and
         out-of-task queries mostly are, so a client whose share is far above
         ``off_reference_rate`` is querying outside the task's data. This works
         without ``drift_vae``; its ``ood_p`` is used as well when present.
+
+        Why whitened (Ledoit-Wolf shrunk covariance of the reference): natural
+        rows keep the correlations between features (a tumour's radius,
+        perimeter and area move together; neighbouring pixels too), and
+        synthetic queries break them while staying within each feature's
+        range, which a Euclidean distance does not see. Measured on the eval's
+        attackers (unique queries beyond the radius, benign test rows 0.094 ->
+        0.076 on tabular): tabular targeted JbDA 0.30 -> 0.86, out-of-task
+        rows 0.24 -> 0.88, inversion 0.0 -> 0.98; digits JbDA 0.61 -> 0.95.
         """
         from sklearn.cluster import KMeans
 
         o = self.opt
         fit_part, cal_part = reference.split(0.5, seed=self.context.seed)
+        whitening = _Whitening.fit(fit_part.X, self.opt.cover_rank)
         k = max(2, min(o.centroids, len(fit_part.X) // 4))
-        km = KMeans(n_clusters=k, n_init=1, random_state=self.context.seed).fit(fit_part.X)
+        km = KMeans(n_clusters=k, n_init=1, random_state=self.context.seed).fit(whitening.apply_np(fit_part.X))
         centroids = km.cluster_centers_.astype(np.float32)
-        d = np.sqrt(((cal_part.X[:, None, :] - centroids[None]) ** 2).sum(-1).min(1))
-        self._set_centroids(centroids, float(np.quantile(d, 1 - o.off_reference_rate)))
+        z = whitening.apply_np(cal_part.X)
+        d = np.sqrt(((z[:, None, :] - centroids[None]) ** 2).sum(-1).min(1))
+        self._set_centroids(centroids, float(np.quantile(d, 1 - o.off_reference_rate)), whitening)
 
     def _fit_class_centres(self, reference: ReferenceData) -> None:
         """Whitened distance of a query to its predicted class's centre; per class, the too-central radius.
@@ -382,16 +449,20 @@ class ExtractionDetector(Detector):
         self.central_group = np.asarray(group, np.int64)
         self.central_beta = np.asarray(beta, np.float64)
 
-    def _set_centroids(self, centroids: np.ndarray, radius: float) -> None:
+    def _set_centroids(self, centroids: np.ndarray, radius: float, whitening: _Whitening | None) -> None:
         self.centroids = torch.as_tensor(centroids, dtype=torch.float32, device=self.context.device)
         self.centroid_sq = (self.centroids * self.centroids).sum(1)
         self.off_reference_radius = radius
+        self.cover_whitening = whitening
+        self._cover_t = None if whitening is None else whitening.tensors(self.context.device)
 
     def artifacts(self) -> dict[str, Any]:
         if self.delta is None:
             return {}
         out = {"calibration": dict(self.calibration), "benign_dup_rate": self.benign_dup_rate,
                "centroids": self.centroids.cpu().numpy(), "off_reference_radius": self.off_reference_radius}
+        if self.cover_whitening is not None:
+            out["cover_whitening"] = self.cover_whitening.to_tree()
         if self.central_map is not None:
             out.update(central_map=self.central_map.cpu().numpy(), central_means=self.central_means.cpu().numpy(),
                        central_radius=self.central_radius, central_group=self.central_group,
@@ -405,7 +476,9 @@ class ExtractionDetector(Detector):
         self.dup_radius = float(cal["dup_radius"])
         self.benign_dup_rate = float(tree["benign_dup_rate"])
         self.min_spread = float(cal["min_spread"])
-        self._set_centroids(np.asarray(tree["centroids"], np.float32), float(tree["off_reference_radius"]))
+        # artifacts trained before the whitened cover lack it: their centroids are in input space
+        whitening = _Whitening.from_tree(tree["cover_whitening"]) if "cover_whitening" in tree else None
+        self._set_centroids(np.asarray(tree["centroids"], np.float32), float(tree["off_reference_radius"]), whitening)
         if "central_map" in tree:  # artifacts trained before the too-central test lack it: the test stays off
             self._set_class_centres(tree["central_map"], tree["central_means"], tree["central_radius"],
                                     tree["central_group"], tree["central_beta"])
@@ -538,7 +611,11 @@ class ExtractionDetector(Detector):
                 flags[low] |= _LOW_MARGIN
         if self.centroids is not None:
             c = self.centroids
-            d2c = (x_sq[:, None] + self.centroid_sq[None, :]).sub_(x @ c.T, alpha=2)
+            z, z_sq = x, x_sq
+            if self._cover_t is not None:
+                z = _Whitening.apply(x, *self._cover_t)
+                z_sq = (z * z).sum(1)
+            d2c = (z_sq[:, None] + self.centroid_sq[None, :]).sub_(z @ c.T, alpha=2)
             off = torch.sqrt(d2c.min(1).values.clamp_min_(0)).cpu().numpy() > self.off_reference_radius
             flags[off] |= _OFF_REFERENCE
         if self.central_map is not None:

@@ -277,6 +277,9 @@ def run_dataset(name: str, device: torch.device, quick: bool, seed: int = 0) -> 
             "reasons": None if f is None else sorted(f.evidence["reasons"]),
             "pattern": None if f is None else f.evidence["pattern"], "expected_pattern": a.expected,
             "attacks": None if f is None else list(f.attacks),
+            # what the attacker learnt by then: exact repeats tell it nothing (and the detector skips them)
+            "distinct_queries_to_detect": None if q is None else len(np.unique(a.X[:q], axis=0)),
+            "distinct_queries": len(np.unique(a.X, axis=0)),
         }
         if a.variant in ("jbda", "detector_aware"):
             # what the attacker got: substitute agreement from the queries sent before it was caught
@@ -319,3 +322,18 @@ def evaluate(device: torch.device, quick: bool = False) -> dict:
         "anchor": PRADA_ANCHOR,
         "datasets": {p["dataset"]: {k: v for k, v in p.items() if k != "variants"} for p in per},
     }
+
+
+if __name__ == "__main__":  # python -m agent.scenarios.extraction 0,1,2,3,4,5,6: the eval over other seeds
+    import sys
+
+    for name in ("digits", "tabular"):
+        for seed in [int(x) for x in sys.argv[1].split(",")]:
+            r = run_dataset(name, torch.device("cpu"), False, seed=seed)
+            late = {v["variant"]: f"{v['queries_to_detect']} ({v['distinct_queries_to_detect']} distinct "
+                                  f"of {v['distinct_queries']})" for v in r["variants"]
+                    if v["queries_to_detect"] is None or v["queries_to_detect"] > GOAL_QUERIES}
+            worst = max(v["queries_to_detect"] or 0 for v in r["variants"])
+            wrong = [v["variant"] for v in r["variants"] if v["pattern"] and v["pattern"] != v["expected_pattern"]]
+            print(f"{name} seed {seed}: benign flagged {len(r['flagged_benign'])}, worst {worst}, "
+                  f"missed or past {GOAL_QUERIES}: {late or 'none'}, misnamed: {wrong or 'none'}", flush=True)
