@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -66,6 +65,7 @@ from agent.reference import ReferenceData
 from detectors import _probe_pattern as probe_pattern
 from detectors._client_slots import ClientSlots, EvictionAlarm, group_ranks
 from detectors._swilk import shapiro_w
+from detectors._whitening import Whitening
 from detectors.base import Detector, DetectorContext, DetectorOptions
 
 _NEAR_DUP, _LOW_MARGIN, _OOD, _OOD_KNOWN, _OFF_REFERENCE, _CENTRAL = 1, 2, 4, 8, 16, 32
@@ -136,55 +136,6 @@ def _client_groups(slots: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, 
 def _binom_tail(k: int, n: int, p: float) -> float:
     """P(X >= k) for X ~ Binomial(n, p): how surprising k hits are at the benign rate p."""
     return float(bdtrc(k - 1, n, p)) if k > 0 else 1.0
-
-
-@dataclass(frozen=True)
-class _Whitening:
-    """x -> (x - shift) whitened by the reference's Ledoit-Wolf covariance, at a cost of O(d * rank) per row.
-
-    The top ``rank`` principal directions are scaled one by one; the rest
-    share their mean variance (with ``rank >= d`` this is the exact inverse
-    square root of the shrunk covariance).
-    """
-
-    shift: np.ndarray  # [d]
-    basis: np.ndarray  # [d, r] top principal directions
-    gain: np.ndarray  # [r]: 1/sqrt(variance) of each direction minus `rest`
-    rest: float  # 1/sqrt(mean variance of the other directions)
-
-    @classmethod
-    def fit(cls, X: np.ndarray, rank: int) -> _Whitening:
-        from sklearn.covariance import LedoitWolf
-
-        X = np.asarray(X, np.float64)
-        cov = LedoitWolf().fit(X).covariance_
-        evals, evecs = np.linalg.eigh(cov)
-        order = np.argsort(evals)[::-1]
-        evals, evecs = np.maximum(evals[order], 1e-12), evecs[:, order]
-        r = min(rank, len(evals))
-        rest = 1.0 / math.sqrt(float(evals[r:].mean())) if r < len(evals) else 0.0
-        return cls(X.mean(0), evecs[:, :r], 1.0 / np.sqrt(evals[:r]) - rest, rest)
-
-    def apply_np(self, X: np.ndarray) -> np.ndarray:
-        c = np.asarray(X, np.float64) - self.shift
-        return (c * self.rest + ((c @ self.basis) * self.gain) @ self.basis.T).astype(np.float32)
-
-    def tensors(self, device: torch.device) -> tuple[torch.Tensor, ...]:
-        t = lambda a: torch.as_tensor(np.asarray(a, np.float32), device=device)  # noqa: E731
-        return t(self.shift), t(self.basis), t(self.gain), t(self.rest)
-
-    @staticmethod
-    def apply(x: torch.Tensor, shift: torch.Tensor, basis: torch.Tensor, gain: torch.Tensor,
-              rest: torch.Tensor) -> torch.Tensor:
-        c = x - shift
-        return c * rest + ((c @ basis) * gain) @ basis.T
-
-    def to_tree(self) -> dict[str, Any]:
-        return {"shift": self.shift, "basis": self.basis, "gain": self.gain, "rest": self.rest}
-
-    @classmethod
-    def from_tree(cls, tree: dict[str, Any]) -> _Whitening:
-        return cls(*(np.asarray(tree[k], np.float64) for k in ("shift", "basis", "gain")), float(tree["rest"]))
 
 
 class ExtractionDetector(Detector):
@@ -266,7 +217,7 @@ class ExtractionDetector(Detector):
         self.centroids: torch.Tensor | None = None
         self.centroid_sq: torch.Tensor | None = None
         self.off_reference_radius: float = float("inf")
-        self.cover_whitening: _Whitening | None = None  # the space the centroids live in (None: input space)
+        self.cover_whitening: Whitening | None = None  # the space the centroids live in (None: input space)
         self._cover_t: tuple[torch.Tensor, ...] | None = None
         self.central_map: torch.Tensor | None = None  # [d, r]: whitening map of the class-centre distance
         self.central_means: torch.Tensor | None = None  # [k, r]: class centres, mapped
@@ -363,7 +314,7 @@ class ExtractionDetector(Detector):
 
         o = self.opt
         fit_part, cal_part = reference.split(0.5, seed=self.context.seed)
-        whitening = _Whitening.fit(fit_part.X, self.opt.cover_rank)
+        whitening = Whitening.fit(fit_part.X, self.opt.cover_rank)
         k = max(2, min(o.centroids, len(fit_part.X) // 4))
         km = KMeans(n_clusters=k, n_init=1, random_state=self.context.seed).fit(whitening.apply_np(fit_part.X))
         centroids = km.cluster_centers_.astype(np.float32)
@@ -449,7 +400,7 @@ class ExtractionDetector(Detector):
         self.central_group = np.asarray(group, np.int64)
         self.central_beta = np.asarray(beta, np.float64)
 
-    def _set_centroids(self, centroids: np.ndarray, radius: float, whitening: _Whitening | None) -> None:
+    def _set_centroids(self, centroids: np.ndarray, radius: float, whitening: Whitening | None) -> None:
         self.centroids = torch.as_tensor(centroids, dtype=torch.float32, device=self.context.device)
         self.centroid_sq = (self.centroids * self.centroids).sum(1)
         self.off_reference_radius = radius
@@ -477,7 +428,7 @@ class ExtractionDetector(Detector):
         self.benign_dup_rate = float(tree["benign_dup_rate"])
         self.min_spread = float(cal["min_spread"])
         # artifacts trained before the whitened cover lack it: their centroids are in input space
-        whitening = _Whitening.from_tree(tree["cover_whitening"]) if "cover_whitening" in tree else None
+        whitening = Whitening.from_tree(tree["cover_whitening"]) if "cover_whitening" in tree else None
         self._set_centroids(np.asarray(tree["centroids"], np.float32), float(tree["off_reference_radius"]), whitening)
         if "central_map" in tree:  # artifacts trained before the too-central test lack it: the test stays off
             self._set_class_centres(tree["central_map"], tree["central_means"], tree["central_radius"],
@@ -613,7 +564,7 @@ class ExtractionDetector(Detector):
             c = self.centroids
             z, z_sq = x, x_sq
             if self._cover_t is not None:
-                z = _Whitening.apply(x, *self._cover_t)
+                z = Whitening.apply(x, *self._cover_t)
                 z_sq = (z * z).sum(1)
             d2c = (z_sq[:, None] + self.centroid_sq[None, :]).sub_(z @ c.T, alpha=2)
             off = torch.sqrt(d2c.min(1).values.clamp_min_(0)).cpu().numpy() > self.off_reference_radius

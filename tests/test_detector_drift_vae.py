@@ -293,3 +293,45 @@ def test_a_mean_or_class_shift_that_a_few_clients_make_is_not_population_drift(d
     assert few_clients_skew(digits, det) == []
     counters = det.state_dict()["counters"]
     assert counters["mean_shifts_left_to_clients"] > 0 and counters["label_shifts_left_to_clients"] > 0
+
+
+@pytest.mark.parametrize("seed", [3, 5])
+def test_rescaled_features_are_caught_by_the_gaussian_channel(seed: int) -> None:
+    """Ten of thirty standardised tabular features scaled by 1.5 move no mean and leave the VAE's score almost
+    where it was (on these seeds its channel alone needs far more than 500 records, or never raises it); the
+    correlations they break do not go unseen."""
+    ds = data.load("tabular")
+    subset = np.arange(30) % 3 == 0
+    X = data.benign_traffic(ds, 6000, 100, seed=seed)[0]
+    X[3000:] *= np.where(subset, 1.5, 1.0).astype(np.float32)
+
+    def episodes(**options) -> list:
+        det = DriftVAE(DriftVAE.Options(**options), DetectorContext(torch.device("cpu"), ds.input_shape, ds.n_classes,
+                                                                      seed=seed))
+        det.fit(ReferenceData(ds.X_train, ds.y_train, ds.input_shape))
+        return [f for f in run(det, X) if f.title.startswith("Covariate")]
+
+    found = episodes()
+    assert len(found) == 1 and found[0].evidence["channel"] == "covariate_gaussian"
+    first = min(int(rid[1:]) for rid in found[0].related_ids)
+    last = max(int(rid[1:]) for rid in found[0].related_ids)
+    assert first >= 2980 and last - 3000 < 500
+    assert all(max(int(rid[1:]) for rid in f.related_ids) - 3000 >= 500 for f in episodes(gaussian_channel=False))
+
+
+def test_artifacts_and_checkpoints_from_before_the_gaussian_channel_load(digits, artifacts, tmp_path: Path) -> None:
+    old = {k: v for k, v in artifacts.items() if k != "gaussian"}
+    det = fitted(digits, old)
+    assert det.gaussian is None
+    X = np.concatenate([benign(digits, 2000, seed=5), noisy(digits, 3000, seed=6)])
+    assert [f.evidence["channel"] for f in run(det, X) if f.title.startswith("Covariate")] == ["covariate"]
+    new = fitted(digits, artifacts)
+    run(new, X[:1024])
+    state = new.state_dict()
+    for entry in state["models"]:
+        entry.pop("covariate_gaussian")
+    save_tree(tmp_path / "state.npz", state)
+    again = fitted(digits, artifacts)
+    again.load_state_dict(load_tree(tmp_path / "state.npz"))
+    assert again._models["m"]["covariate_gaussian"]["S"] == 0.0
+    assert [f.title for f in run(again, X[1024:])][:1] == ["Covariate drift in model inputs"]

@@ -181,3 +181,19 @@ def evaluate(device: torch.device, quick: bool = False) -> dict[str, Any]:
         },
         "datasets": per_data,
     }
+
+
+if __name__ == "__main__":  # python -m agent.scenarios.drift 0,1,2,3: the eval over other seeds
+    import sys
+
+    for name in ("digits", "tabular"):
+        for seed in [int(x) for x in sys.argv[1].split(",")]:
+            r = _evaluate_dataset(name, torch.device("cpu"), False, seed=seed)
+            moderate = [v for v in r["variants"] if v["moderate"]]
+            late = {v["variant"]: v["events_to_detect"] for v in moderate
+                    if not v["detected"] or v["events_to_detect"] > 500}
+            worst = max((v["events_to_detect"] or 0) for v in moderate)
+            before = sum(v["false_alarms_before_shift"] for v in r["variants"])
+            print(f"{name} seed {seed}: false alarms {r['false_alarms_benign']} in {r['benign_records']:,} benign "
+                  f"+ {before} before shifts, worst moderate {worst}, missed or past 500: {late or 'none'}",
+                  flush=True)
