@@ -319,13 +319,25 @@ def seed_spread(name: str, seeds: list[int], options: dict[str, Any] | None = No
     return rows
 
 
-if __name__ == "__main__":  # python -m agent.scenarios.evasion digits 0,1,2,3,4,5 ['{"boundary_test": false}' [cnn]]
+if __name__ == "__main__":
+    # python -m agent.scenarios.evasion digits 0,1,2,3,4,5 ['{"boundary_test": false}' [cnn]]: detector seeds
+    # python -m agent.scenarios.evasion deploy 0,1,2,3 ['{...}']: the eval's deployment (model, reference split,
+    #   attacks, traffic) redrawn per seed
     import json
     import sys
 
-    spread = seed_spread(sys.argv[1], [int(s) for s in sys.argv[2].split(",")],
-                         json.loads(sys.argv[3]) if len(sys.argv) > 3 else None,
-                         architecture=sys.argv[4] if len(sys.argv) > 4 else "mlp")
+    seeds = [int(s) for s in sys.argv[2].split(",")]
+    options = json.loads(sys.argv[3]) if len(sys.argv) > 3 else None
+    if sys.argv[1] == "deploy":
+        for name in ("digits", "tabular"):
+            for s in seeds:
+                r = _evaluate_dataset(name, torch.device("cpu"), False, seed=s, options=options)
+                tpr = ", ".join(f"{v['variant'].split(' ')[0]} {v['tpr']:.3f}" for v in r["variants"]
+                                if v["tpr"] is not None)
+                print(f"{name} deployment {s}: FPR {r['fpr']:.4f}, benign campaigns {r['false_campaign_findings']}; "
+                      f"TPR {tpr}", flush=True)
+        sys.exit(0)
+    spread = seed_spread(sys.argv[1], seeds, options, architecture=sys.argv[4] if len(sys.argv) > 4 else "mlp")
     for key in spread[0]:
         values = [r[key] for r in spread]
         print(f"{key:34s} " + " ".join(f"{v:.3f}" for v in values) + f"   mean {np.mean(values):.3f}")
