@@ -331,9 +331,12 @@ def test_evaluate_quick_meets_goals() -> None:
     late = [(v["dataset"], v["variant"], v["queries_to_detect"]) for v in required
             if v["queries_to_detect"] is not None and v["queries_to_detect"] > 300]
     assert not missed, missed
-    # the goal is 300 queries: met by every required variant in the full evaluation; in quick mode
-    # (denser attack traffic, a 400-query budget) two tabular variants have been measured at 342 and 400
-    assert len(late) <= 2 and all(q <= 400 for _, _, q in late), late
+    # the goal is 300 queries, met by every variant in the full evaluation; in quick mode (denser attack traffic,
+    # a 400-query budget) the worst, tabular slow_low, has been measured at 293 (342 and 400 for two tabular
+    # variants before the off-reference distance was whitened), so a little room; and what matters to the model's
+    # owner, the distinct queries an attacker got answered before the finding, stays far below
+    assert all(q <= 330 for _, _, q in late), late
+    assert max(v["distinct_queries_to_detect"] for v in required) <= 200
     assert report["anchor"]["tpr"] == 1.0 and report["detector_aware"]
 
 

@@ -254,3 +254,20 @@ def _detector_aware_note(variants: list[dict]) -> dict:
         "variants": [{"dataset": v["dataset"], "variant": v["variant"], "precision": v["precision"],
                       "recall": v["recall"]} for v in held],
     }
+
+
+if __name__ == "__main__":  # python -m agent.scenarios.poisoning 0,1,2,3: the eval's campaigns on other seeds
+    import sys
+
+    for name in ("digits", "tabular"):
+        ds = load(name)
+        for seed in [int(x) for x in sys.argv[1].split(",")]:
+            model = train_classifier(ds.X_train, ds.y_train, ds.input_shape, torch.device("cpu"), epochs=40,
+                                     seed=seed)
+            rows = [run_variant(ds, model, v, 6000, torch.device("cpu"), seed=1000 * seed + 100 + j)
+                    for j, v in enumerate(VARIANTS)]
+            benign = run_benign_only(ds, model, 6000, torch.device("cpu"), seed=1000 * seed + 99)
+            pr = ", ".join(f"{r['variant']} {r['precision']:.3f}/{r['recall']:.3f}" for r in rows)
+            lenient = min(r["precision_lenient"] for r in rows)
+            print(f"{name} seed {seed}: benign-only findings {benign['findings']}; P/R {pr}; lowest precision "
+                  f"counting named honest mistakes as right {lenient:.3f}", flush=True)
