@@ -49,6 +49,7 @@ re-raised with updated counts at most every ``reraise_every`` queries.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from typing import Any, ClassVar
@@ -67,6 +68,8 @@ from detectors._client_slots import ClientSlots, EvictionAlarm, group_ranks
 from detectors._swilk import shapiro_w
 from detectors._whitening import Whitening
 from detectors.base import Detector, DetectorContext, DetectorOptions
+
+log = logging.getLogger(__name__)
 
 _NEAR_DUP, _LOW_MARGIN, _OOD, _OOD_KNOWN, _OFF_REFERENCE, _CENTRAL = 1, 2, 4, 8, 16, 32
 
@@ -290,7 +293,15 @@ class ExtractionDetector(Detector):
             "benign_dup_rate": dup_hits / max(dup_total, 1), "simulated_clients": len(w_full),
             "reference_rows": n, "min_spread": self.min_spread,
             "benign_spread_median": float(np.median(spreads)) if spreads else None,
+            "prada": "on" if self.delta > 0 else "off: benign W spreads too wide for a threshold at prada_fpr",
         }
+        if self.delta <= 0:
+            # W lies in (0, 1]: a threshold at or below 0 never fires. Benign clients' min distances on this
+            # reference are far from normal (skewed: a few rows far from all others), and Royston's fit of
+            # ln(1 - W) puts the prada_fpr quantile below 0. The other tests still run.
+            log.warning("extraction: the PRADA test is off for this reference: simulated benign clients' W "
+                        "(median %.3f) puts the %g quantile at %.3f, below any W; the other tests still run",
+                        float(np.median(w_full)), o.prada_fpr, self.delta)
 
     def _fit_reference_cover(self, reference: ReferenceData) -> None:
         """Centroids of half the reference, in whitened space; the other half sets the off-reference radius.

@@ -359,3 +359,18 @@ def test_cover_is_whitened_and_old_artifacts_load_in_input_space(fitted: Extract
     assert new.cover_whitening is None
     findings = run(new, traffic(n_benign=2000, attack="uniform", n_attack=400))
     assert {f.actor for f in findings} == {"attacker"} and "off_reference" in findings[0].evidence["reasons"]
+
+
+def test_prada_says_when_it_cannot_fire(fitted: ExtractionDetector, tmp_path, caplog) -> None:
+    """On the tabular reference benign clients' W spreads so wide that the PRADA threshold falls below any W:
+    fit says so (log and calibration) instead of running a test that never fires."""
+    ds = load("tabular")
+    det = ExtractionDetector(ExtractionDetector.Options(prada_simulations=300),
+                             DetectorContext(device=CPU, input_shape=ds.input_shape, n_classes=2))
+    with caplog.at_level("WARNING", logger="detectors.extraction"):
+        det.fit(ReferenceData(ds.X_train, ds.y_train, ds.input_shape))
+    assert det.delta <= 0 and det.calibration["prada"].startswith("off")
+    assert "PRADA test is off" in caplog.text
+    assert fitted.calibration["prada"] == "on"
+    new = fresh_from(fitted, tmp_path)
+    assert new.calibration["prada"] == "on"
