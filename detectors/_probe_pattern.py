@@ -40,8 +40,8 @@ from scipy import stats
 
 MIN_CHAIN = 8  # queries a chain needs before its trend says anything
 TREND_RHO = 0.6  # Spearman correlation of a class's log-odds with query order that counts as a trend
-SPARSE_SHARE = 0.1  # a step that changes at most this share of the input's features (at least 2) is sparse
 TREND_NATS = 1.0  # least change of that log-odds between a chain's first and last quarter
+SPARSE_SHARE = 0.1  # a step that changes at most this share of the input's features (at least 2) is sparse
 _TINY = float(np.finfo(np.float32).tiny)  # answers arrive as float32: below this a probability is noise
 
 INVERSION = (("AML.T0024.001", "AML.T0024"), "model_inversion")
@@ -101,13 +101,18 @@ def chain_trends(probs: np.ndarray, near_duplicate: np.ndarray) -> tuple[int, in
 
 
 def sparse_step_share(rows: np.ndarray) -> float:
-    """Share of consecutive distinct queries that differ in few input features (0 with fewer than 2 rows)."""
+    """Share of consecutive distinct queries that differ in few input features (0 with fewer than 2 rows).
+
+    Few: at most ``SPARSE_SHARE`` of the features, at least 2 (SimBA's x + eps e_j then x - eps e_k), and
+    always fewer than half of them (on a handful of features every step would be "few").
+    """
     if len(rows) < 2:
         return 0.0
     steps = np.abs(np.diff(rows.astype(np.float64), axis=0))
     tol = 1e-6 * max(float(np.abs(rows).max()), 1.0)
     changed = (steps > tol).sum(1)
-    return float((changed <= max(2, int(np.ceil(SPARSE_SHARE * rows.shape[1])))).mean())
+    d = rows.shape[1]
+    return float(((changed <= max(2, int(np.ceil(SPARSE_SHARE * d)))) & (changed < d / 2)).mean())
 
 
 def classify(probs: np.ndarray | None, near_duplicate: np.ndarray, low_margin: np.ndarray, rows: np.ndarray,

@@ -95,3 +95,12 @@ def test_eval_attackers_are_named_right(name: str, seed: int) -> None:
     assert {"simba", "inversion", "membership"} <= set(named), named
     wrong = {k: v for k, v in named.items() if v[0] != v[1]}
     assert not wrong, wrong
+
+
+def test_sparse_steps_need_few_of_many_features() -> None:
+    rows = np.zeros((5, 4), np.float32)
+    rows[1:, 0] = [1, 2, 3, 4]  # one feature of four per step: sparse
+    assert pp.sparse_step_share(rows) == 1.0
+    rows[1:, 1] = [1, 2, 3, 4]  # two of four: half the input, not "few"
+    assert pp.sparse_step_share(rows) == 0.0
+    assert pp.sparse_step_share(rows[:1]) == 0.0
