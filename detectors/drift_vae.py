@@ -197,6 +197,7 @@ class DriftVAE(Detector):
     def fit(self, reference: ReferenceData) -> None:
         """Train the VAE on one split of the reference data and calibrate p-values on the other."""
         fit_part, cal_part = reference.split(self.opts.holdout, seed=self.context.seed)
+        self.__dict__.pop("_tensor_cache", None)  # a refit must not score with the last fit's statistics
         X = fit_part.X.astype(np.float32)
         self.n_fit = len(X)
         self.mean = X.mean(0)

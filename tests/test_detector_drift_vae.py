@@ -335,3 +335,17 @@ def test_artifacts_and_checkpoints_from_before_the_gaussian_channel_load(digits,
     again.load_state_dict(load_tree(tmp_path / "state.npz"))
     assert again._models["m"]["covariate_gaussian"]["S"] == 0.0
     assert [f.title for f in run(again, X[1024:])][:1] == ["Covariate drift in model inputs"]
+
+
+def test_a_refit_scores_with_its_own_statistics(digits) -> None:
+    """Fitting the same detector again (another reference) must not reuse tensors cached from the first fit."""
+    det = make(digits)
+    det.fit(ReferenceData(digits.X_train, digits.y_train, digits.input_shape))
+    det.score(digits.X_test[:5])
+    det.gaussian_score(digits.X_test[:5])
+    det.fit(ReferenceData(digits.X_train[:, ::-1].copy(), digits.y_train, digits.input_shape))
+    fresh = make(digits)
+    fresh.fit(ReferenceData(digits.X_train[:, ::-1].copy(), digits.y_train, digits.input_shape))
+    np.testing.assert_allclose(det.score(digits.X_test[:5]), fresh.score(digits.X_test[:5]), rtol=1e-5)
+    np.testing.assert_allclose(det.gaussian_score(digits.X_test[:5]), fresh.gaussian_score(digits.X_test[:5]),
+                               rtol=1e-5)
