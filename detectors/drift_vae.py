@@ -4,7 +4,7 @@ Why a VAE: its negative ELBO (reconstruction error plus the latent code's KL)
 is high for inputs unlike the reference data, whatever the model under watch
 does with them, and it is one small batched torch call per batch.
 
-Three things come out of one score:
+What comes out of the VAE's score (and of a second, Gaussian one):
 
 * ``notes["ood_p"]``: a conformal p-value per record (rank of its score among
   held-out reference scores, a Pareto tail beyond them, see ``_conformal``),
@@ -31,7 +31,9 @@ Three things come out of one score:
   change, a sensor's gain) breaks them while leaving every mean where it was.
   Measured on the tabular eval's "scale 10 features x1.5" over ten seeds:
   the VAE alone missed it on five (its mean log p-value moved from -0.9 to
-  -1.5, under the CUSUM's allowance), this channel's moved to -1.9.
+  -1.5, under the CUSUM's allowance), this channel's moved to -1.9. Three
+  CUSUMs (two tails of the VAE's score, this one) each keep the run-length
+  bound, so together they false-alarm at most three times as often.
 * a feature-mean episode: the largest per-feature mean shift in consecutive
   windows, z-scored against the reference (a few features scaled or offset
   can leave the VAE's score almost unchanged).
