@@ -314,12 +314,17 @@ class DriftVAE(Detector):
         p_tail = self.calibrator.pvalues(scores)
         p_rank = {"covariate": self.calibrator.rank_pvalues(scores),
                   "covariate_low": self.calibrator.lower_rank_pvalues(scores)}
+        p_far = p_tail  # what makes a client's record far out, for attributing it to the client
         if self.gaussian is not None:
-            p_rank["covariate_gaussian"] = self.gaussian_calibrator.rank_pvalues(self.gaussian_score(batch.X))
+            g = self.gaussian_score(batch.X)
+            p_rank["covariate_gaussian"] = self.gaussian_calibrator.rank_pvalues(g)
+            # a client whose queries only the Gaussian channel finds unusual (decorrelated features the VAE
+            # takes in its stride) is still a client, not the population
+            p_far = np.minimum(p_tail, self.gaussian_calibrator.pvalues(g))
         notes["ood_p"] = p_tail
         self._counters["records"] += len(batch)
         findings = self._record_findings(batch, p_tail, scores)
-        population = self._population(batch, p_tail)
+        population = self._population(batch, p_far)
         models = np.asarray(batch.models, dtype=object)
         for model in dict.fromkeys(batch.models):
             idx = np.flatnonzero(models == model) if len(set(batch.models)) > 1 else np.arange(len(batch))
@@ -332,8 +337,11 @@ class DriftVAE(Detector):
                 findings += self._label_shift(state, model, batch, idx)
         return findings + self._eviction_alarm.check(self._slots, float(batch.ts.max()))
 
-    def _population(self, batch: InferenceBatch, p_tail: np.ndarray) -> np.ndarray:
-        """Rows that speak for the population: all, minus those of a small minority of anomalous clients."""
+    def _population(self, batch: InferenceBatch, p_far: np.ndarray) -> np.ndarray:
+        """Rows that speak for the population: all, minus those of a small minority of anomalous clients.
+
+        ``p_far``: per record, the smaller tail p-value of the two scores; below ``client_far_p`` the record
+        counts towards its client's far-out share."""
         slots, fresh = self._slots.assign(batch.clients)
         self._row_slots = slots  # read by _feature_means, for the leave-clients-out check
         need = self._slots.high_water
@@ -347,7 +355,7 @@ class DriftVAE(Detector):
         self._seen[fresh] = 0
         self._share[fresh] = 0.0
         self._share_at[fresh] = self._total
-        far = (p_tail < self.opts.client_far_p).astype(np.float64)
+        far = (p_far < self.opts.client_far_p).astype(np.float64)
         uniq, inv, counts = np.unique(slots, return_inverse=True, return_counts=True)
         far_mean = np.bincount(inv, weights=far) / counts
         w = 1.0 - (1.0 - self.opts.client_ewma) ** counts

@@ -349,3 +349,31 @@ def test_a_refit_scores_with_its_own_statistics(digits) -> None:
     np.testing.assert_allclose(det.score(digits.X_test[:5]), fresh.score(digits.X_test[:5]), rtol=1e-5)
     np.testing.assert_allclose(det.gaussian_score(digits.X_test[:5]), fresh.gaussian_score(digits.X_test[:5]),
                                rtol=1e-5)
+
+
+def test_one_client_of_decorrelated_queries_is_not_gaussian_drift() -> None:
+    """A client sending out-of-task tabular rows (features permuted: each in range, correlations gone) as 9 % of
+    the traffic: the Gaussian channel finds its records far, so they must count towards its far-out share and
+    leave the drift tests; attributed by the VAE's score alone they opened two drift episodes."""
+    from agent.scenarios.extraction import out_of_task_pool
+
+    ds = data.load("tabular")
+    det = DriftVAE(DriftVAE.Options(), DetectorContext(torch.device("cpu"), ds.input_shape, ds.n_classes, seed=0))
+    det.fit(ReferenceData(ds.X_train, ds.y_train, ds.input_shape))
+    rng = np.random.default_rng(0)
+    Xb, cb, _ = data.benign_traffic(ds, 20000, 200, seed=5)
+    pool = out_of_task_pool(ds, rng)
+    Xa = pool[rng.integers(len(pool), size=1800)]
+    X = np.concatenate([Xb, Xa])
+    clients = [f"t{c}" for c in cb] + ["attacker"] * len(Xa)
+    order = rng.permutation(len(X))
+    X, clients = X[order], [clients[i] for i in order]
+    found = []
+    for i in range(0, len(X), 512):
+        n = len(X[i : i + 512])
+        found += det.update(InferenceBatch(
+            ids=tuple(f"r{j}" for j in range(i, i + n)), ts=0.05 * np.arange(i, i + n), models=("m",) * n,
+            model_versions=(None,) * n, clients=tuple(clients[i : i + n]), X=X[i : i + n], probs=None,
+            labels=np.full(n, -1, np.int64)), {})
+    assert [f for f in found if f.title.startswith("Covariate")] == []
+    assert det._counters["attributed_to_clients"] > 1000
