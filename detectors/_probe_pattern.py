@@ -9,7 +9,8 @@ things, and the SOC needs the right ATLAS technique for each:
   (decision-based attacks), or its consecutive queries differ in a few input
   features only (coordinate-wise search and finite-difference gradient
   estimates: SimBA's pixel basis, ZOO), which shows even while its steps
-  have not yet moved the model's answer;
+  have not yet moved the model's answer, and with steps too large to be
+  near duplicates;
 - **model inversion**: a run of small steps *climbs* one class's confidence
   until the model is sure;
 - **membership inference**: many near copies of one record, confidence
@@ -19,7 +20,11 @@ Why runs ("chains"): a client that restarts from a new seed after each flip
 makes a saw-tooth of its confidences; over the whole window that reads as
 neither a fall nor a climb (or as a climb, from a low tail end to a fresh
 seed). A chain is a maximal run of consecutive queries each a near duplicate
-of the client's earlier ones; a query that is not starts a new chain.
+of the client's earlier ones, or (for its recent distinct queries, whose
+inputs are kept) a step of a few features from the query before; a query
+that is neither starts a new chain. The second link keeps a search with
+large coordinate steps (SimBA or an inversion with a big step size) in one
+chain.
 Inversion also needs the client's queries to be concentrated (one evolving
 input): a synthetic-data extraction attacker (JbDA) pushes its earlier
 queries deeper into their own classes, round after round, and its rounds can
@@ -100,19 +105,25 @@ def chain_trends(probs: np.ndarray, near_duplicate: np.ndarray) -> tuple[int, in
     return climbing, falling
 
 
-def sparse_step_share(rows: np.ndarray) -> float:
-    """Share of consecutive distinct queries that differ in few input features (0 with fewer than 2 rows).
+def sparse_steps(rows: np.ndarray) -> np.ndarray:
+    """Per consecutive pair of distinct queries, whether the second changes few of the input's features.
 
     Few: at most ``SPARSE_SHARE`` of the features, at least 2 (SimBA's x + eps e_j then x - eps e_k), and
     always fewer than half of them (on a handful of features every step would be "few").
     """
     if len(rows) < 2:
-        return 0.0
+        return np.zeros(0, bool)
     steps = np.abs(np.diff(rows.astype(np.float64), axis=0))
     tol = 1e-6 * max(float(np.abs(rows).max()), 1.0)
     changed = (steps > tol).sum(1)
     d = rows.shape[1]
-    return float(((changed <= max(2, int(np.ceil(SPARSE_SHARE * d)))) & (changed < d / 2)).mean())
+    return (changed <= max(2, int(np.ceil(SPARSE_SHARE * d)))) & (changed < d / 2)
+
+
+def sparse_step_share(rows: np.ndarray) -> float:
+    """Share of consecutive distinct queries that differ in few input features (0 with fewer than 2 rows)."""
+    sparse = sparse_steps(rows)
+    return float(sparse.mean()) if len(sparse) else 0.0
 
 
 def classify(probs: np.ndarray | None, near_duplicate: np.ndarray, low_margin: np.ndarray, rows: np.ndarray,
@@ -123,18 +134,25 @@ def classify(probs: np.ndarray | None, near_duplicate: np.ndarray, low_margin: n
     when answers are unknown), ``near_duplicate`` and ``low_margin`` are per
     query of the client's window, in arrival order; ``rows`` are its recent
     distinct queries, in arrival order. Only probing clients (near duplicates
-    or a tight cluster) can be inversion or black-box evasion.
+    or a tight cluster) can be inversion; black-box evasion is also a client
+    whose recent steps mostly change a few features, probing or not.
     """
+    sparse = sparse_steps(rows)
+    linked = near_duplicate.astype(bool).copy()
+    if 0 < len(sparse) < len(linked):  # the window's newest len(rows) queries are `rows`
+        linked[len(linked) - len(sparse):] |= sparse
     if probing:
         if probs is not None:
             have = np.isfinite(probs).all(1)
-            climbing, falling = chain_trends(probs[have], near_duplicate[have])
+            climbing, falling = chain_trends(probs[have], linked[have])
             if concentrated and climbing and climbing >= falling:
                 return INVERSION
             if falling > climbing:
                 return BLACK_BOX
-        if low_margin.mean() > 0.5 or sparse_step_share(rows) > 0.5:
+        if low_margin.mean() > 0.5:
             return BLACK_BOX
+    if len(sparse) and sparse.mean() > 0.5:  # coordinate search, near duplicates or not
+        return BLACK_BOX
     if concentrated:
         return MEMBERSHIP
     return EXTRACTION

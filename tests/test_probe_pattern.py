@@ -104,3 +104,32 @@ def test_sparse_steps_need_few_of_many_features() -> None:
     rows[1:, 1] = [1, 2, 3, 4]  # two of four: half the input, not "few"
     assert pp.sparse_step_share(rows) == 0.0
     assert pp.sparse_step_share(rows[:1]) == 0.0
+
+
+def coordinate_walk(n: int, dim: int = 30, step: float = 2.0, seed: int = 7) -> np.ndarray:
+    """Queries that each change two features of the one before by a large step (no near duplicates)."""
+    rng = np.random.default_rng(seed)
+    rows = np.zeros((n, dim), np.float32)
+    for i in range(1, n):
+        rows[i] = rows[i - 1]
+        rows[i, rng.choice(dim, 2, replace=False)] += rng.choice([-step, step], 2)
+    return rows
+
+
+def test_large_coordinate_steps_are_black_box_without_near_duplicates() -> None:
+    """SimBA with a large step: no query is a near duplicate and the client is not concentrated, so the tests
+    that flag it are the off-reference ones; its few-feature steps still name it (it used to be extraction)."""
+    rows = coordinate_walk(64)
+    probs = two_class(np.random.default_rng(8).normal(10, 1, 64))
+    no = np.zeros(64, bool)
+    assert pp.classify(probs, no, no, rows, probing=False, concentrated=False) == pp.BLACK_BOX
+
+
+def test_few_feature_steps_link_a_chain_that_near_duplicates_alone_break() -> None:
+    """An inversion with a big step: its climb is one chain through the few-feature steps between its recent
+    queries, though none is a near duplicate of an earlier one."""
+    rows = coordinate_walk(64)
+    probs = two_class(np.linspace(-3, 12, 64) + np.random.default_rng(9).normal(0, 0.5, 64))
+    no = np.zeros(64, bool)
+    assert pp.chain_trends(probs, no) == (0, 0)
+    assert pp.classify(probs, no, no, rows, probing=True, concentrated=True) == pp.INVERSION
