@@ -105,19 +105,26 @@ def chain_trends(probs: np.ndarray, near_duplicate: np.ndarray) -> tuple[int, in
     return climbing, falling
 
 
-def sparse_steps(rows: np.ndarray) -> np.ndarray:
-    """Per consecutive pair of distinct queries, whether the second changes few of the input's features.
+def few_changed(after: np.ndarray, before: np.ndarray) -> np.ndarray:
+    """Per row, whether ``after`` differs from ``before`` in a few of the input's features, and in some.
 
     Few: at most ``SPARSE_SHARE`` of the features, at least 2 (SimBA's x + eps e_j then x - eps e_k), and
-    always fewer than half of them (on a handful of features every step would be "few").
+    always fewer than half of them (on a handful of features every step would be "few"). NaN rows in
+    ``before`` (no previous query) are never few.
     """
+    diff = np.abs(after.astype(np.float64) - before.astype(np.float64))
+    tol = 1e-6 * max(float(np.nanmax(np.abs(after))) if after.size else 1.0, 1.0)
+    changed = (diff > tol).sum(1)
+    d = after.shape[1]
+    return (changed > 0) & (changed <= max(2, int(np.ceil(SPARSE_SHARE * d)))) & (changed < d / 2) \
+        & np.isfinite(before).all(1)
+
+
+def sparse_steps(rows: np.ndarray) -> np.ndarray:
+    """Per consecutive pair of distinct queries, whether the second changes few of the input's features."""
     if len(rows) < 2:
         return np.zeros(0, bool)
-    steps = np.abs(np.diff(rows.astype(np.float64), axis=0))
-    tol = 1e-6 * max(float(np.abs(rows).max()), 1.0)
-    changed = (steps > tol).sum(1)
-    d = rows.shape[1]
-    return (changed <= max(2, int(np.ceil(SPARSE_SHARE * d)))) & (changed < d / 2)
+    return few_changed(rows[1:], rows[:-1])
 
 
 def sparse_step_share(rows: np.ndarray) -> float:

@@ -71,7 +71,7 @@ from detectors.base import Detector, DetectorContext, DetectorOptions
 
 log = logging.getLogger(__name__)
 
-_NEAR_DUP, _LOW_MARGIN, _OOD, _OOD_KNOWN, _OFF_REFERENCE, _CENTRAL = 1, 2, 4, 8, 16, 32
+_NEAR_DUP, _LOW_MARGIN, _OOD, _OOD_KNOWN, _OFF_REFERENCE, _CENTRAL, _FEW_FEATURES = 1, 2, 4, 8, 16, 32, 64
 
 
 def _w_quantile(w: np.ndarray, q: float) -> float:
@@ -101,8 +101,8 @@ def _spread(rows: torch.Tensor, min_rows: int) -> float | None:
     return float(torch.sqrt((centred * centred).sum(1).mean()))
 
 
-_BITS = (_NEAR_DUP, _LOW_MARGIN, _OOD, _OOD_KNOWN, _OFF_REFERENCE, _CENTRAL)
-_HAS_BIT = ((np.arange(64)[:, None] & np.array(_BITS)[None, :]) > 0).astype(np.int64)  # [flag value, bit]
+_BITS = (_NEAR_DUP, _LOW_MARGIN, _OOD, _OOD_KNOWN, _OFF_REFERENCE, _CENTRAL, _FEW_FEATURES)
+_HAS_BIT = ((np.arange(128)[:, None] & np.array(_BITS)[None, :]) > 0).astype(np.int64)  # [flag value, bit]
 
 
 def _bit_counts(flags: np.ndarray) -> dict[int, int]:
@@ -111,7 +111,7 @@ def _bit_counts(flags: np.ndarray) -> dict[int, int]:
     One histogram of the flag values instead of a mask, a cast and a sum per
     bit: the share tests read six bits of every checked client's window.
     """
-    per_bit = np.bincount(flags, minlength=64) @ _HAS_BIT
+    per_bit = np.bincount(flags, minlength=128) @ _HAS_BIT
     return dict(zip(_BITS, per_bit.tolist()))
 
 
@@ -200,6 +200,9 @@ class ExtractionDetector(Detector):
         central_dims: int = Field(64, ge=2, le=1024,
                                   description="inputs with more features are projected on this many principal "
                                               "components before the class-centre distance")
+        min_few_feature_rate: float = Field(
+            0.02, gt=0, lt=1, description="floor of the benign rate of queries that change only a few features of "
+                                          "the client's previous query (coordinate-wise black-box search)")
         ood_p: float = Field(0.01, gt=0, lt=0.5, description="notes['ood_p'] below this counts as out of distribution")
         min_ood_rate: float = Field(0.03, gt=0, lt=1, description="floor of the benign out-of-distribution rate")
         reraise_every: int = Field(1000, ge=1, description="re-raise an ongoing campaign at most every N queries")
@@ -474,7 +477,7 @@ class ExtractionDetector(Detector):
         self.batch_rate: dict[str, float] = {}  # this batch's population rate (a drift shows at once)
         self.pop_rate = {"near_duplicates": 0.0, "low_margin": self.opt.low_margin_prior,
                          "off_reference": self.opt.off_reference_rate, "out_of_distribution": self.opt.min_ood_rate,
-                         "too_central": self.opt.central_rate}
+                         "too_central": self.opt.central_rate, "few_feature_steps": self.opt.min_few_feature_rate}
         self.findings_raised = 0
         self._mask_cache: dict[str, torch.Tensor] = {}
 
@@ -582,6 +585,7 @@ class ExtractionDetector(Detector):
             flags[off] |= _OFF_REFERENCE
         if self.central_map is not None:
             flags[self._too_central(x, batch.labels)] |= _CENTRAL
+        flags[self._few_feature_steps(batch.X, slots)] |= _FEW_FEATURES
         ood_p = notes.get("ood_p")
         if ood_p is not None and len(ood_p) == n:
             ood_p = np.asarray(ood_p, dtype=np.float64)
@@ -632,7 +636,7 @@ class ExtractionDetector(Detector):
         w = 1.0 - math.exp(-len(flags) * math.log(2) / self.opt.population_halflife)
         for name, bit, known_bit in (("near_duplicates", _NEAR_DUP, 0), ("low_margin", _LOW_MARGIN, 0),
                                      ("off_reference", _OFF_REFERENCE, 0), ("out_of_distribution", _OOD, _OOD_KNOWN),
-                                     ("too_central", _CENTRAL, 0)):
+                                     ("too_central", _CENTRAL, 0), ("few_feature_steps", _FEW_FEATURES, 0)):
             if known_bit:
                 known = (flags & known_bit).astype(bool)
                 if not known.any():
@@ -739,6 +743,28 @@ class ExtractionDetector(Detector):
             self._mask_cache = {"triu": mask}
         return mask[:n, :n]
 
+    def _few_feature_steps(self, X: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """Whether each query changes a few features of its client's query just before it (the previous row of
+        the client in this batch, else the newest entry of its history ring): coordinate-wise search and
+        finite-difference gradient estimates (SimBA's pixel basis, ZOO) step like that, at any step size;
+        natural queries differ in almost every feature."""
+        order = np.argsort(slots, kind="stable")
+        s_sorted = slots[order]
+        xs = np.asarray(X, np.float32)[order]
+        prev = np.roll(xs, 1, axis=0)
+        first = np.r_[True, s_sorted[1:] != s_sorted[:-1]]
+        heads = s_sorted[first]
+        have = self.hist_len[heads] > 0
+        ring_last = np.full((len(heads), xs.shape[1]), np.nan, np.float32)
+        if have.any():
+            pos = (self.hist_pos[heads[have]] - 1) % self.opt.history
+            ring_last[have] = self.hist[torch.as_tensor(heads[have], device=self.hist.device),
+                                        torch.as_tensor(pos, device=self.hist.device)].cpu().numpy()
+        prev[first] = ring_last
+        out = np.zeros(len(slots), bool)
+        out[order] = probe_pattern.few_changed(xs, prev)
+        return out
+
     def _push_history(self, x: torch.Tensor, x_sq: torch.Tensor, slots: np.ndarray, is_repeat: np.ndarray) -> None:
         H = self.opt.history
         ranks = group_ranks(slots)
@@ -833,7 +859,8 @@ class ExtractionDetector(Detector):
                                  ("low_margin", _LOW_MARGIN, o.min_low_margin_rate),
                                  ("off_reference", _OFF_REFERENCE, o.off_reference_rate),
                                  ("out_of_distribution", _OOD, o.min_ood_rate),
-                                 ("too_central", _CENTRAL, o.central_rate)):
+                                 ("too_central", _CENTRAL, o.central_rate),
+                                 ("few_feature_steps", _FEW_FEATURES, o.min_few_feature_rate)):
             if name == "low_margin" and self._k is None:
                 continue
             if name == "off_reference" and self.centroids is None:

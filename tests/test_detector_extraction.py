@@ -374,3 +374,34 @@ def test_prada_says_when_it_cannot_fire(fitted: ExtractionDetector, tmp_path, ca
     assert fitted.calibration["prada"] == "on"
     new = fresh_from(fitted, tmp_path)
     assert new.calibration["prada"] == "on"
+
+
+def test_coordinate_search_with_large_steps_is_caught_by_its_few_feature_steps(fitted: ExtractionDetector,
+                                                                              tmp_path) -> None:
+    """A black-box search that flips two pixels per query (steps too large to be near duplicates, the walk too
+    wide to be concentrated) among benign digits traffic: caught by the share of queries that change only a few
+    features of the one before, and named black-box evasion; no benign client is."""
+    ds = load("digits")
+    X, c, ts = benign_traffic(ds, 6000, 40, seed=3)
+    rng = np.random.default_rng(4)
+    walk = [ds.X_test[5].copy()]
+    for _ in range(399):
+        x = walk[-1].copy()
+        j = rng.choice(64, 2, replace=False)
+        x[j] = 1.0 - np.round(x[j])
+        walk.append(x)
+    xa = np.stack(walk).astype(np.float32)
+    X = np.concatenate([X, xa])
+    ts = np.concatenate([ts, np.sort(rng.uniform(100, 700, len(xa)))])
+    clients = [f"tenant-{i}" for i in c] + ["attacker"] * len(xa)
+    order = np.argsort(ts, kind="stable")
+    W = np.random.default_rng(5).normal(size=(ds.dim, 10)).astype(np.float32)
+    logits = X[order] @ W * 3
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    data = (X[order], ts[order], [clients[i] for i in order], probs.astype(np.float32))
+    findings = run(fresh_from(fitted, tmp_path), data)
+    assert {f.actor for f in findings} == {"attacker"}
+    first = findings[0]
+    assert "few_feature_steps" in first.evidence["reasons"] and first.evidence["pattern"] == "black_box_probing"
+    assert first.evidence["few_feature_steps"]["share"] > 0.9

@@ -226,7 +226,30 @@ def _batches(X: np.ndarray, ts: np.ndarray, clients: list[str], oracle: Oracle, 
     return out
 
 
-def run_dataset(name: str, device: torch.device, quick: bool, seed: int = 0) -> dict:
+def step_variants(ds: Dataset, oracle: Oracle, budget: int, seed: int,
+                  factors: tuple[float, ...] = (0.25, 0.5, 2.0, 4.0)) -> list[Attack]:
+    """The eval's step-size-driven attackers with their steps scaled by each factor (robustness of the
+    thresholds and of the pattern names to how an attacker tunes its attack); mixup and out-of-task pools
+    have no step size and are left out."""
+    rng = np.random.default_rng(seed)
+    scale = 0.1 if ds.name == "digits" else 0.3
+    out = []
+    for f in factors:
+        out += [
+            Attack(f"jbda x{f:g}", jbda(ds, oracle, budget, rng, lam=scale * f), 900, "extraction"),
+            Attack(f"jbda_tr x{f:g}", jbda(ds, oracle, budget, rng, lam=scale * f, targeted=True), 900,
+                   "extraction"),
+            Attack(f"simba x{f:g}", simba(ds, oracle, budget, rng, eps=2 * scale * f), 300, "black_box_probing"),
+            Attack(f"membership x{f:g}", membership(ds, budget, rng, sigma=scale / 2 * f), 300,
+                   "membership_inference"),
+            Attack(f"inversion x{f:g}", inversion(ds, oracle, budget, rng, step=2 * scale * f), 300,
+                   "model_inversion"),
+        ]
+    return out
+
+
+def run_dataset(name: str, device: torch.device, quick: bool, seed: int = 0,
+                make_attacks: Callable[[Dataset, Oracle, int, int], list[Attack]] | None = None) -> dict:
     """Benign traffic + every attack variant on one data set, through the detector in time order."""
     t0 = time.perf_counter()
     ds = load(name)
@@ -243,7 +266,7 @@ def run_dataset(name: str, device: torch.device, quick: bool, seed: int = 0) -> 
     budget = 400 if quick else 600
     Xb, cb, tb = benign_traffic(ds, n_benign, n_clients, seed=seed + 1)
     rng = np.random.default_rng(seed + 2)
-    attacks = build_attacks(ds, oracle, budget, seed + 3)
+    attacks = (make_attacks or build_attacks)(ds, oracle, budget, seed + 3)
     parts_X, parts_t, parts_c = [Xb], [tb], [f"tenant-{c}" for c in cb]
     for a in attacks:
         start = rng.uniform(0, max(1.0, 3600 - a.span_s))
@@ -324,16 +347,20 @@ def evaluate(device: torch.device, quick: bool = False) -> dict:
     }
 
 
-if __name__ == "__main__":  # python -m agent.scenarios.extraction 0,1,2,3,4,5,6: the eval over other seeds
+if __name__ == "__main__":
+    # python -m agent.scenarios.extraction 0,1,2,3,4,5,6: the eval over other seeds
+    # python -m agent.scenarios.extraction 0,1 steps: the step-size-driven attackers at 0.25-4x their steps
     import sys
 
+    steps = len(sys.argv) > 2 and sys.argv[2] == "steps"
     for name in ("digits", "tabular"):
         for seed in [int(x) for x in sys.argv[1].split(",")]:
-            r = run_dataset(name, torch.device("cpu"), False, seed=seed)
+            r = run_dataset(name, torch.device("cpu"), False, seed=seed, make_attacks=step_variants if steps else None)
             late = {v["variant"]: f"{v['queries_to_detect']} ({v['distinct_queries_to_detect']} distinct "
                                   f"of {v['distinct_queries']})" for v in r["variants"]
                     if v["queries_to_detect"] is None or v["queries_to_detect"] > GOAL_QUERIES}
             worst = max(v["queries_to_detect"] or 0 for v in r["variants"])
-            wrong = [v["variant"] for v in r["variants"] if v["pattern"] and v["pattern"] != v["expected_pattern"]]
+            wrong = [f"{v['variant']} as {v['pattern']}" for v in r["variants"]
+                     if v["pattern"] and v["pattern"] != v["expected_pattern"]]
             print(f"{name} seed {seed}: benign flagged {len(r['flagged_benign'])}, worst {worst}, "
                   f"missed or past {GOAL_QUERIES}: {late or 'none'}, misnamed: {wrong or 'none'}", flush=True)
