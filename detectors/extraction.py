@@ -21,7 +21,9 @@ per-query observations. From them, at every ``check_every`` queries:
   (radius: ``dup_quantile`` of reference nearest-neighbour distances), is
   answered near a decision boundary (top-1 minus top-2 probability below
   ``margin``), lies off the reference data (farther from every k-means
-  centroid than ``1 - off_reference_rate`` of held-out reference rows), or is
+  centroid, in the reference's whitened space, than ``1 - off_reference_rate``
+  of held-out reference rows), changes only a few features of the client's
+  previous query (coordinate-wise black-box search at any step size), or is
   out of distribution per ``notes["ood_p"]`` when ``drift_vae`` ran; plus
   Fisher's combination of them. Each is tested against the larger of its
   reference rate and what the typical client shows right now (a mean over
