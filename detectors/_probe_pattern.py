@@ -20,9 +20,8 @@ Why runs ("chains"): a client that restarts from a new seed after each flip
 makes a saw-tooth of its confidences; over the whole window that reads as
 neither a fall nor a climb (or as a climb, from a low tail end to a fresh
 seed). A chain is a maximal run of consecutive queries each a near duplicate
-of the client's earlier ones, or (for its recent distinct queries, whose
-inputs are kept) a step of a few features from the query before; a query
-that is neither starts a new chain. The second link keeps a search with
+of the client's earlier ones, or a step of a few features from the query
+before; a query that is neither starts a new chain. The second link keeps a search with
 large coordinate steps (SimBA or an inversion with a big step size) in one
 chain.
 Inversion also needs the client's queries to be concentrated (one evolving
@@ -63,10 +62,10 @@ def log_odds(probs: np.ndarray, cls: int) -> np.ndarray:
     return np.log(np.maximum(own, _TINY)) - np.log(np.maximum(rest, _TINY))
 
 
-def chains(near_duplicate: np.ndarray) -> list[slice]:
-    """Maximal runs of queries in which every query after the first is a near duplicate of earlier ones."""
-    starts = np.flatnonzero(~near_duplicate.astype(bool))
-    bounds = np.r_[0, starts[starts > 0], len(near_duplicate)]
+def chains(linked: np.ndarray) -> list[slice]:
+    """Maximal runs of queries in which every query after the first is linked to the ones before it."""
+    starts = np.flatnonzero(~linked.astype(bool))
+    bounds = np.r_[0, starts[starts > 0], len(linked)]
     return [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
 
 
@@ -77,7 +76,7 @@ def _trend(values: np.ndarray) -> tuple[float, float]:
     return (float(rho) if np.isfinite(rho) else 0.0), float(values[-q:].mean() - values[:q].mean())
 
 
-def chain_trends(probs: np.ndarray, near_duplicate: np.ndarray) -> tuple[int, int]:
+def chain_trends(probs: np.ndarray, linked: np.ndarray) -> tuple[int, int]:
     """(queries in climbing chains, queries in falling chains) of a window in arrival order.
 
     A chain climbs when the class it ends on gains log-odds steadily; it falls
@@ -88,7 +87,7 @@ def chain_trends(probs: np.ndarray, near_duplicate: np.ndarray) -> tuple[int, in
     it started on.
     """
     climbing = falling = 0
-    for run in chains(near_duplicate):
+    for run in chains(linked):
         p = probs[run]
         if len(p) < MIN_CHAIN:
             continue
@@ -120,34 +119,20 @@ def few_changed(after: np.ndarray, before: np.ndarray) -> np.ndarray:
         & np.isfinite(before).all(1)
 
 
-def sparse_steps(rows: np.ndarray) -> np.ndarray:
-    """Per consecutive pair of distinct queries, whether the second changes few of the input's features."""
-    if len(rows) < 2:
-        return np.zeros(0, bool)
-    return few_changed(rows[1:], rows[:-1])
-
-
-def sparse_step_share(rows: np.ndarray) -> float:
-    """Share of consecutive distinct queries that differ in few input features (0 with fewer than 2 rows)."""
-    sparse = sparse_steps(rows)
-    return float(sparse.mean()) if len(sparse) else 0.0
-
-
-def classify(probs: np.ndarray | None, near_duplicate: np.ndarray, low_margin: np.ndarray, rows: np.ndarray,
-             probing: bool, concentrated: bool) -> tuple[tuple[str, ...], str]:
+def classify(probs: np.ndarray | None, near_duplicate: np.ndarray, low_margin: np.ndarray,
+             few_features: np.ndarray, probing: bool, concentrated: bool) -> tuple[tuple[str, ...], str]:
     """(ATLAS techniques, pattern name) of a flagged client.
 
-    ``probs`` (the model's answers; rows NaN where a record carried none; None
-    when answers are unknown), ``near_duplicate`` and ``low_margin`` are per
-    query of the client's window, in arrival order; ``rows`` are its recent
-    distinct queries, in arrival order. Only probing clients (near duplicates
-    or a tight cluster) can be inversion; black-box evasion is also a client
-    whose recent steps mostly change a few features, probing or not.
+    Per query of the client's window, in arrival order: ``probs`` (the model's
+    answers; rows NaN where a record carried none; None when answers are
+    unknown), ``near_duplicate``, ``low_margin`` and ``few_features`` (the
+    query changed only a few features of the one before, :func:`few_changed`).
+    Only probing clients (near duplicates or a tight cluster) can be
+    inversion; black-box evasion is also a client whose steps mostly change a
+    few features, probing or not.
     """
-    sparse = sparse_steps(rows)
-    linked = near_duplicate.astype(bool).copy()
-    if 0 < len(sparse) < len(linked):  # the window's newest len(rows) queries are `rows`
-        linked[len(linked) - len(sparse):] |= sparse
+    few = few_features.astype(bool)
+    linked = near_duplicate.astype(bool) | few
     if probing:
         if probs is not None:
             have = np.isfinite(probs).all(1)
@@ -158,7 +143,7 @@ def classify(probs: np.ndarray | None, near_duplicate: np.ndarray, low_margin: n
                 return BLACK_BOX
         if low_margin.mean() > 0.5:
             return BLACK_BOX
-    if len(sparse) and sparse.mean() > 0.5:  # coordinate search, near duplicates or not
+    if len(few) and few.mean() > 0.5:  # coordinate search, near duplicates or not
         return BLACK_BOX
     if concentrated:
         return MEMBERSHIP

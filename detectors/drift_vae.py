@@ -451,7 +451,7 @@ class DriftVAE(Detector):
         """
         st = state[channel]
         eps, h = self.opts.bet_epsilon, self.opts.cusum_threshold
-        n_cal = len((self.gaussian_calibrator if channel == "covariate_gaussian" else self.calibrator).sorted_scores)
+        n_cal = len(self.calibrator.sorted_scores)  # the Gaussian channel is calibrated on the same held-out rows
         allowance = self.opts.calibration_sigmas * (1.0 - eps) / np.sqrt(n_cal)
         inc = np.log(eps) + (eps - 1.0) * np.log(p_rank[idx]) - allowance
         small = p_rank[idx] < 0.05

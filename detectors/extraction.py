@@ -330,7 +330,7 @@ class ExtractionDetector(Detector):
 
         o = self.opt
         fit_part, cal_part = reference.split(0.5, seed=self.context.seed)
-        whitening = Whitening.fit(fit_part.X, self.opt.cover_rank)
+        whitening = Whitening.fit(fit_part.X, o.cover_rank)
         k = max(2, min(o.centroids, len(fit_part.X) // 4))
         km = KMeans(n_clusters=k, n_init=1, random_state=self.context.seed).fit(whitening.apply_np(fit_part.X))
         centroids = km.cluster_centers_.astype(np.float32)
@@ -966,14 +966,10 @@ class ExtractionDetector(Detector):
     def _classify(self, s: int, reasons: dict[str, Any]) -> tuple[tuple[str, ...], str]:
         """Name the likely technique from the client's window (``_probe_pattern``: chain by chain)."""
         flags = self._ordered(self.win_flags, s)
-        n, H = int(self.hist_len[s]), self.opt.history
-        ring = (int(self.hist_pos[s]) - n + np.arange(n)) % H  # arrival order
-        distinct = ring[~self.hist_rep[s, ring]]
-        rows = self.hist[s, torch.as_tensor(distinct, device=self.hist.device)].cpu().numpy()
         return probe_pattern.classify(
             self._ordered(self.win_prob, s) if self._k is not None else None, (flags & _NEAR_DUP) > 0,
-            (flags & _LOW_MARGIN) > 0, rows, probing="near_duplicates" in reasons or "concentrated" in reasons,
-            concentrated="concentrated" in reasons)
+            (flags & _LOW_MARGIN) > 0, (flags & _FEW_FEATURES) > 0,
+            probing="near_duplicates" in reasons or "concentrated" in reasons, concentrated="concentrated" in reasons)
 
     # ------------------------------------------------------------ checkpoints
     _ARRAYS = ("hist_len", "hist_rep", "hist_pos", "win_dist", "win_flags", "win_label",

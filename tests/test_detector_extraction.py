@@ -59,6 +59,14 @@ def traffic(n_benign: int = 6000, n_clients: int = 40, attack: str | None = "mem
         xa = rng.uniform(0, 1, (n_attack, ds.dim)).astype(np.float32)
     elif attack == "repeat":
         xa = np.repeat(ds.X_test[:1], n_attack, 0)
+    elif attack == "pixel_flips":  # a walk that flips two pixels per query, from one test digit
+        walk = [ds.X_test[5].copy()]
+        for _ in range(n_attack - 1):
+            x = walk[-1].copy()
+            j = rng.choice(ds.dim, 2, replace=False)
+            x[j] = 1.0 - np.round(x[j])
+            walk.append(x)
+        xa = np.stack(walk).astype(np.float32)
     else:
         xa = np.zeros((0, ds.dim), np.float32)
     X = np.concatenate([X, xa])
@@ -381,25 +389,7 @@ def test_coordinate_search_with_large_steps_is_caught_by_its_few_feature_steps(f
     """A black-box search that flips two pixels per query (steps too large to be near duplicates, the walk too
     wide to be concentrated) among benign digits traffic: caught by the share of queries that change only a few
     features of the one before, and named black-box evasion; no benign client is."""
-    ds = load("digits")
-    X, c, ts = benign_traffic(ds, 6000, 40, seed=3)
-    rng = np.random.default_rng(4)
-    walk = [ds.X_test[5].copy()]
-    for _ in range(399):
-        x = walk[-1].copy()
-        j = rng.choice(64, 2, replace=False)
-        x[j] = 1.0 - np.round(x[j])
-        walk.append(x)
-    xa = np.stack(walk).astype(np.float32)
-    X = np.concatenate([X, xa])
-    ts = np.concatenate([ts, np.sort(rng.uniform(100, 700, len(xa)))])
-    clients = [f"tenant-{i}" for i in c] + ["attacker"] * len(xa)
-    order = np.argsort(ts, kind="stable")
-    W = np.random.default_rng(5).normal(size=(ds.dim, 10)).astype(np.float32)
-    logits = X[order] @ W * 3
-    probs = np.exp(logits - logits.max(1, keepdims=True))
-    probs /= probs.sum(1, keepdims=True)
-    data = (X[order], ts[order], [clients[i] for i in order], probs.astype(np.float32))
+    data = traffic(attack="pixel_flips", seed=3)
     findings = run(fresh_from(fitted, tmp_path), data)
     assert {f.actor for f in findings} == {"attacker"}
     first = findings[0]

@@ -32,6 +32,11 @@ def test_chains_start_at_each_query_that_is_not_a_near_duplicate() -> None:
     assert [(c.start, c.stop) for c in pp.chains(np.ones(4, bool))] == [(0, 4)]
 
 
+def few(rows: np.ndarray) -> np.ndarray:
+    """Per query, whether it changed only a few features of the one before (as the extraction detector flags)."""
+    return np.r_[False, pp.few_changed(rows[1:], rows[:-1])]
+
+
 def walk(n: int, dim: int = 30, step: float = 0.05, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return np.cumsum(rng.normal(0, step, (n, dim)), axis=0).astype(np.float32)
@@ -41,9 +46,9 @@ def test_a_saturated_climb_is_inversion_and_needs_concentration() -> None:
     rng = np.random.default_rng(1)
     gap = np.linspace(25, 45, 60) + rng.normal(0, 1, 60)  # p rounds to 1.0 all along: only log-odds see it
     probs, near, low, rows = two_class(gap), np.r_[False, np.ones(59, bool)], np.zeros(60, bool), walk(60)
-    assert pp.classify(probs, near, low, rows, probing=True, concentrated=True) == pp.INVERSION
+    assert pp.classify(probs, near, low, few(rows), probing=True, concentrated=True) == pp.INVERSION
     # the same climb spread over many seeds (not concentrated) is how JbDA's rounds look: not inversion
-    assert pp.classify(probs, near, low, rows, probing=True, concentrated=False) == pp.EXTRACTION
+    assert pp.classify(probs, near, low, few(rows), probing=True, concentrated=False) == pp.EXTRACTION
 
 
 def test_restarting_falls_are_black_box_evasion() -> None:
@@ -55,7 +60,7 @@ def test_restarting_falls_are_black_box_evasion() -> None:
     assert pp.chain_trends(probs, near) == (0, 75)
     # over the whole window the saw-tooth neither climbs nor falls
     assert pp.chain_trends(probs, np.r_[False, np.ones(74, bool)]) == (0, 0)
-    assert pp.classify(probs, near, np.zeros(75, bool), walk(64), True, False) == pp.BLACK_BOX
+    assert pp.classify(probs, near, np.zeros(75, bool), few(walk(75)), True, False) == pp.BLACK_BOX
 
 
 def test_coordinate_steps_are_black_box_even_before_the_answer_moves() -> None:
@@ -65,12 +70,12 @@ def test_coordinate_steps_are_black_box_even_before_the_answer_moves() -> None:
         rows[i, i % 30] += 0.5 if i % 2 else -0.5
     probs = two_class(np.full(40, 30.0) + np.random.default_rng(3).normal(0, 0.5, 40))
     near, low = np.r_[False, np.ones(39, bool)], np.zeros(40, bool)
-    assert pp.sparse_step_share(rows) == 1.0
-    assert pp.classify(probs, near, low, rows, probing=True, concentrated=True) == pp.BLACK_BOX
+    assert few(rows)[1:].all()
+    assert pp.classify(probs, near, low, few(rows), probing=True, concentrated=True) == pp.BLACK_BOX
     # noisy copies of one record change every feature: membership probing
     noisy = base + np.random.default_rng(4).normal(0, 0.1, (40, 30)).astype(np.float32)
-    assert pp.sparse_step_share(noisy) == 0.0
-    assert pp.classify(probs, near, low, noisy, probing=True, concentrated=True) == pp.MEMBERSHIP
+    assert not few(noisy).any()
+    assert pp.classify(probs, near, low, few(noisy), probing=True, concentrated=True) == pp.MEMBERSHIP
 
 
 def test_boundary_sitting_is_black_box_and_non_probing_is_extraction() -> None:
@@ -78,9 +83,9 @@ def test_boundary_sitting_is_black_box_and_non_probing_is_extraction() -> None:
     near = np.ones(50, bool)
     low = np.r_[np.ones(30, bool), np.zeros(20, bool)]
     rows = walk(50, step=1.0)
-    assert pp.classify(probs, near, low, rows, probing=True, concentrated=False) == pp.BLACK_BOX
-    assert pp.classify(probs, near, low, rows, probing=False, concentrated=False) == pp.EXTRACTION
-    assert pp.classify(None, near, ~low, rows, probing=True, concentrated=True) == pp.MEMBERSHIP
+    assert pp.classify(probs, near, low, few(rows), probing=True, concentrated=False) == pp.BLACK_BOX
+    assert pp.classify(probs, near, low, few(rows), probing=False, concentrated=False) == pp.EXTRACTION
+    assert pp.classify(None, near, ~low, few(rows), probing=True, concentrated=True) == pp.MEMBERSHIP
 
 
 @pytest.mark.slow
@@ -100,10 +105,10 @@ def test_eval_attackers_are_named_right(name: str, seed: int) -> None:
 def test_sparse_steps_need_few_of_many_features() -> None:
     rows = np.zeros((5, 4), np.float32)
     rows[1:, 0] = [1, 2, 3, 4]  # one feature of four per step: sparse
-    assert pp.sparse_step_share(rows) == 1.0
+    assert few(rows)[1:].all()
     rows[1:, 1] = [1, 2, 3, 4]  # two of four: half the input, not "few"
-    assert pp.sparse_step_share(rows) == 0.0
-    assert pp.sparse_step_share(rows[:1]) == 0.0
+    assert not few(rows).any()
+    assert not pp.few_changed(rows[:1], np.full((1, 4), np.nan)).any()  # no query before: never few
 
 
 def coordinate_walk(n: int, dim: int = 30, step: float = 2.0, seed: int = 7) -> np.ndarray:
@@ -122,7 +127,7 @@ def test_large_coordinate_steps_are_black_box_without_near_duplicates() -> None:
     rows = coordinate_walk(64)
     probs = two_class(np.random.default_rng(8).normal(10, 1, 64))
     no = np.zeros(64, bool)
-    assert pp.classify(probs, no, no, rows, probing=False, concentrated=False) == pp.BLACK_BOX
+    assert pp.classify(probs, no, no, few(rows), probing=False, concentrated=False) == pp.BLACK_BOX
 
 
 def test_few_feature_steps_link_a_chain_that_near_duplicates_alone_break() -> None:
@@ -131,5 +136,5 @@ def test_few_feature_steps_link_a_chain_that_near_duplicates_alone_break() -> No
     rows = coordinate_walk(64)
     probs = two_class(np.linspace(-3, 12, 64) + np.random.default_rng(9).normal(0, 0.5, 64))
     no = np.zeros(64, bool)
-    assert pp.chain_trends(probs, no) == (0, 0)
-    assert pp.classify(probs, no, no, rows, probing=True, concentrated=True) == pp.INVERSION
+    assert pp.chain_trends(probs, no) == (0, 0)  # near duplicates alone: no chain
+    assert pp.classify(probs, no, no, few(rows), probing=True, concentrated=True) == pp.INVERSION
