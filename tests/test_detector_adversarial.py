@@ -246,6 +246,23 @@ def test_evaluate_quick_meets_the_evasion_goals() -> None:
     assert report["fpr"] <= 0.02
     assert all(d["false_campaign_findings"] == 0 for d in report["datasets"])
     assert set(report["detector_aware"]) == {"digits", "tabular"}
+    for v in report["variants"]:  # the class judge's view is there for every variant, and consistent
+        assert 0.0 <= v["class_kept_share"] <= 1.0, v
+        assert (v["tpr_class_kept"] is None) == (v["class_kept_share"] == 0.0), v
+
+
+def test_class_judge_keeps_small_perturbations_and_follows_rows_into_another_class(digits) -> None:
+    """The eval's independent reading of a row's class: jittered test rows keep theirs; a test row moved
+    most of the way onto a training row of another class is judged that class, whatever a model says."""
+    from agent.scenarios import evasion
+
+    judge = evasion.class_judge(digits)
+    rng = np.random.default_rng(0)
+    jittered = np.clip(digits.X_test + rng.normal(0, 0.03, digits.X_test.shape), 0, 1).astype(np.float32)
+    assert (judge.predict(jittered) == digits.y_test).mean() > 0.95
+    other = np.array([np.flatnonzero(digits.y_train != y)[0] for y in digits.y_test])
+    moved = 0.2 * digits.X_test + 0.8 * digits.X_train[other]
+    assert (judge.predict(moved) == digits.y_train[other]).mean() > 0.9
 
 
 @pytest.mark.parametrize("seconds_per_record", [0.3, 1 / 700], ids=["slow-stream", "demo-rate"])
