@@ -10,7 +10,7 @@ from agent.model import train_classifier
 from agent.records import FeedbackBatch
 from agent.reference import ReferenceData
 from agent.scenarios.data import load
-from agent.scenarios.poisoning import _merge, benign_stream, poison
+from agent.scenarios.poisoning import Stream, _merge, _twins_of_honest_mistakes, benign_stream, poison
 from agent.state import load_tree, save_tree
 from detectors.base import DetectorContext
 from detectors.poisoning import PoisoningDetector
@@ -192,6 +192,16 @@ def test_cuda_matches_cpu(digits) -> None:
 
 
 @pytest.mark.slow
+def test_twins_of_honest_mistakes_need_the_same_input_and_label() -> None:
+    """A flip is an honest mistake's twin only when both records carry the same input and the same label."""
+    X = np.array([[0.0, 1.0], [0.0, 1.0], [0.0, 1.0], [2.0, 3.0]], np.float32)
+    y = np.array([1, 1, 0, 1])
+    poisoned = np.array([False, True, True, True])
+    honest = np.array([True, False, False, False])
+    stream = Stream(X, y, ["a"] * 4, np.arange(4.0), poisoned, honest)
+    assert _twins_of_honest_mistakes(stream).tolist() == [True, True, False, False]
+
+
 def test_evaluate_quick_meets_goals() -> None:
     from agent.scenarios.poisoning import evaluate
 
@@ -209,4 +219,8 @@ def test_evaluate_quick_meets_goals() -> None:
     for key in [("digits", "random_flip"), ("digits", "pair_flip")]:
         v = by[key]
         assert v["precision"] >= 0.8 and v["recall"] >= 0.8, v
+    for v in report["variants"]:  # twins of honest mistakes are counted, and only poisoned records count
+        assert 0.0 <= v["poisoned_twin_of_honest_mistake_share"] < 1.0, v
+        if v["poisoned_twin_of_honest_mistake_share"] == 0.0:
+            assert v["recall_without_honest_twins"] == pytest.approx(v["recall"]), v
     assert report["precision"] >= 0.9

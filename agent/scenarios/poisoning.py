@@ -20,7 +20,9 @@ Campaigns (each run on its own benign stream, a few percent of the feedback):
   trigger place and target, at 2%, over all sources).
 
 Counting: precision and recall are over the record ids the findings name,
-against the poisoned ids. ``precision`` (the headline) counts every flagged
+against the poisoned ids. ``recall_without_honest_twins`` is recall over the
+poisoned records no honest mistake duplicates (same input and label,
+``poisoned_twin_of_honest_mistake_share`` says how many do). ``precision`` (the headline) counts every flagged
 honest mistake as a false positive; ``precision_lenient`` counts it as a
 true catch (its label is wrong and should not be trained on either). Both are
 reported.
@@ -149,6 +151,20 @@ def _merge(a: Stream, b: Stream) -> Stream:
                   cat(a.poisoned, b.poisoned), cat(a.honest_mistake, b.honest_mistake))
 
 
+def _twins_of_honest_mistakes(stream: Stream) -> np.ndarray:
+    """Per record: whether an honest mistake in the same stream has the same input *and* label.
+
+    The benign stream redraws thousands of records from a few hundred test
+    rows, and people slip on the ambiguous ones to the runner-up class; on a
+    two-class table a flip of such a row is the same record as an honest slip
+    on it. Nothing per record tells those twins apart, so the report gives
+    recall also over the poisoned records that have no such twin.
+    """
+    honest = {(x.tobytes(), int(y)) for x, y in zip(stream.X[stream.honest_mistake],
+                                                      stream.y[stream.honest_mistake], strict=True)}
+    return np.array([(x.tobytes(), int(y)) in honest for x, y in zip(stream.X, stream.y, strict=True)], bool)
+
+
 def run_variant(ds: Dataset, model: WatchedModel, variant: str, n_benign: int, device: torch.device,
                 seed: int) -> dict:
     rng = np.random.default_rng(seed)
@@ -178,6 +194,7 @@ def run_variant(ds: Dataset, model: WatchedModel, variant: str, n_benign: int, d
     tp = int((sel & stream.poisoned).sum())
     honest_flagged = int((sel & stream.honest_mistake).sum())
     fp = int(sel.sum()) - tp
+    apart = stream.poisoned & ~_twins_of_honest_mistakes(stream)
     kinds = sorted({f.evidence["kind"] for f in findings})
     return {
         "dataset": ds.name, "variant": variant, "held_out": variant not in DEVELOPMENT_VARIANTS,
@@ -186,6 +203,8 @@ def run_variant(ds: Dataset, model: WatchedModel, variant: str, n_benign: int, d
         "precision": tp / max(int(sel.sum()), 1), "recall": tp / max(int(stream.poisoned.sum()), 1),
         "precision_lenient": (tp + honest_flagged) / max(int(sel.sum()), 1),
         "honest_mistakes_named": honest_flagged, "clean_named": fp - honest_flagged,
+        "poisoned_twin_of_honest_mistake_share": 1.0 - int(apart.sum()) / max(int(stream.poisoned.sum()), 1),
+        "recall_without_honest_twins": int((sel & apart).sum()) / max(int(apart.sum()), 1),
         "findings": len(findings), "kinds": kinds,
         "backdoor_named": variant.startswith("backdoor") and "backdoor" in kinds,
         "detector_rps": len(ids) / run_s,
@@ -269,5 +288,7 @@ if __name__ == "__main__":  # python -m agent.scenarios.poisoning 0,1,2,3: the e
             benign = run_benign_only(ds, model, 6000, torch.device("cpu"), seed=1000 * seed + 99)
             pr = ", ".join(f"{r['variant']} {r['precision']:.3f}/{r['recall']:.3f}" for r in rows)
             lenient = min(r["precision_lenient"] for r in rows)
+            apart = min(r["recall_without_honest_twins"] for r in rows)
             print(f"{name} seed {seed}: benign-only findings {benign['findings']}; P/R {pr}; lowest precision "
-                  f"counting named honest mistakes as right {lenient:.3f}", flush=True)
+                  f"counting named honest mistakes as right {lenient:.3f}; lowest recall without honest "
+                  f"mistakes' twins {apart:.3f}", flush=True)
