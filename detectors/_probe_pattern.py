@@ -6,7 +6,8 @@ things, and the SOC needs the right ATLAS technique for each:
 - **black-box evasion** (SimBA, HopSkipJump, Boundary, ZOO): each run of small
   steps walks *away* from the class its seed had, until the label flips; then
   a new seed starts a new run. Or it sits on the decision boundary
-  (decision-based attacks), or its consecutive queries differ in a few input
+  (decision-based attacks: low margins, or linked queries answered now with
+  one class, now with the other, see :func:`straddles`), or its consecutive queries differ in a few input
   features only (coordinate-wise search and finite-difference gradient
   estimates: SimBA's pixel basis, ZOO), which shows even while its steps
   have not yet moved the model's answer, and with steps too large to be
@@ -14,7 +15,8 @@ things, and the SOC needs the right ATLAS technique for each:
 - **model inversion**: a run of small steps *climbs* one class's confidence
   until the model is sure;
 - **membership inference**: many near copies of one record, confidence
-  moving no way in particular.
+  moving no way in particular, the copies scattered around the record rather
+  than walking away from it (:func:`walks`).
 
 Why runs ("chains"): a client that restarts from a new seed after each flip
 makes a saw-tooth of its confidences; over the whole window that reads as
@@ -46,6 +48,7 @@ MIN_CHAIN = 8  # queries a chain needs before its trend says anything
 TREND_RHO = 0.6  # Spearman correlation of a class's log-odds with query order that counts as a trend
 TREND_NATS = 1.0  # least change of that log-odds between a chain's first and last quarter
 SPARSE_SHARE = 0.1  # a step that changes at most this share of the input's features (at least 2) is sparse
+STRADDLE_SHARE = 0.25  # small steps answered with another class than the query before: a boundary search
 _TINY = float(np.finfo(np.float32).tiny)  # answers arrive as float32: below this a probability is noise
 
 INVERSION = (("AML.T0024.001", "AML.T0024"), "model_inversion")
@@ -119,20 +122,76 @@ def few_changed(after: np.ndarray, before: np.ndarray) -> np.ndarray:
         & np.isfinite(before).all(1)
 
 
+def straddles(probs: np.ndarray, follows: np.ndarray) -> bool:
+    """Whether a client's small steps keep landing on both sides of the decision boundary.
+
+    ``follows``: per query in arrival order, whether it is a small step from
+    the query just before (near duplicate of it, or a few features changed).
+
+    A decision-based attack (HopSkipJump, Boundary, Sign-OPT) has only the
+    label to go by, so it must query both sides of the boundary to find it:
+    binary searches between a point of each class, and gradient estimates
+    from the sign of small random perturbations at the boundary. Its small
+    steps are answered with another class than the query before in 0.14-0.53
+    of cases (ART's, measured with ``python -m agent.scenarios.art_queries``);
+    a score-based walk flips once per seed, copies of one record and a climb
+    hardly ever: at most 0.094 over the eval's attackers at 0.25-4x their
+    steps, and 0.136 where an inversion starts from an input the model finds
+    ambiguous or membership probing copies a record on the boundary. A binary
+    search spends about half its steps on each side, so the bar is a quarter
+    (HopSkipJump 0.47-0.53, Sign-OPT 0.30-0.33; ART's Boundary attack, 0.14-0.20
+    late in its run, is named by its walk instead, see :func:`walks`).
+    """
+    step = follows[1:].astype(bool)
+    if step.sum() < MIN_CHAIN:
+        return False
+    labels = probs.argmax(1)
+    return float((labels[1:] != labels[:-1])[step].mean()) >= STRADDLE_SHARE
+
+
+def walks(recent: np.ndarray) -> bool:
+    """Whether a client's recent queries (distinct, oldest first) move steadily through the input space.
+
+    Copies of one record for membership inference scatter around it: how far
+    a copy is from the first or from the last one has nothing to do with when
+    it was sent. A search walks (Boundary's steps from an adversarial start
+    towards the original, an inversion's climb), so the distance from one end
+    of the walk changes steadily with query order. Both ends are tried: a
+    search's first queries can be a far-off random start, its last ones a
+    fresh seed.
+    """
+    if len(recent) < MIN_CHAIN:
+        return False
+    x = recent.astype(np.float64)
+    from_first, _ = _trend(np.linalg.norm(x[1:] - x[0], axis=1))
+    from_last, _ = _trend(np.linalg.norm(x[:-1] - x[-1], axis=1))
+    return max(abs(from_first), abs(from_last)) > TREND_RHO
+
+
 def classify(probs: np.ndarray | None, near_duplicate: np.ndarray, low_margin: np.ndarray,
-             few_features: np.ndarray, probing: bool, concentrated: bool) -> tuple[tuple[str, ...], str]:
+             few_features: np.ndarray, probing: bool, concentrated: bool, near_previous: np.ndarray | None = None,
+             walking: bool = False) -> tuple[tuple[str, ...], str]:
     """(ATLAS techniques, pattern name) of a flagged client.
 
     Per query of the client's window, in arrival order: ``probs`` (the model's
     answers; rows NaN where a record carried none; None when answers are
-    unknown), ``near_duplicate``, ``low_margin`` and ``few_features`` (the
-    query changed only a few features of the one before, :func:`few_changed`).
+    unknown), ``near_duplicate`` (of any earlier query of the client),
+    ``low_margin``, ``few_features`` (the query changed only a few features of
+    the one before, :func:`few_changed`) and ``near_previous`` (a near duplicate
+    of the one before; None: not known, then only few-feature steps count as
+    small steps for :func:`straddles`).
     Only probing clients (near duplicates or a tight cluster) can be
     inversion; black-box evasion is also a client whose steps mostly change a
-    few features, probing or not.
+    few features, probing or not, and a concentrated one whose recent queries
+    ``walking`` move away from where they began (:func:`walks`).
     """
     few = few_features.astype(bool)
     linked = near_duplicate.astype(bool) | few
+    if probs is not None:
+        have = np.isfinite(probs).all(1)
+        small = few if near_previous is None else few | near_previous.astype(bool)
+        if straddles(probs[have], small[have]):
+            return BLACK_BOX
     if probing:
         if probs is not None:
             have = np.isfinite(probs).all(1)
@@ -146,5 +205,5 @@ def classify(probs: np.ndarray | None, near_duplicate: np.ndarray, low_margin: n
     if len(few) and few.mean() > 0.5:  # coordinate search, near duplicates or not
         return BLACK_BOX
     if concentrated:
-        return MEMBERSHIP
+        return BLACK_BOX if walking else MEMBERSHIP
     return EXTRACTION

@@ -41,8 +41,16 @@ per-query observations. From them, at every ``check_every`` queries:
   allows for the few held-out rows each radius rests on (beta-binomial).
   Needs reference labels.
 
-Exact repeats (distance 0) are ignored: they give an attacker no information
-and benign clients retry all the time.
+Exact repeats (within ``repeat_eps``) are ignored: they give an attacker no
+information and benign clients retry all the time. "Exact" is measured
+exactly: the fast distance (a float32 norm expansion) cannot resolve steps
+under about 1e-3 of an input's norm, so the pairs it puts that close are
+measured again in float64. Before, a client stepping 1e-4 at a time (ZOO's
+finite differences) read as repeating itself and was never flagged.
+
+Each finding names the technique (``_probe_pattern.classify``) from the
+client's window: answers, near duplicates, small steps from the query just
+before, and whether its recent queries walk through the input space.
 
 A flagged client gets one finding per campaign (``window`` key
 ``client:campaign_start_ts``); while the campaign goes on the same uid is
@@ -74,6 +82,7 @@ from detectors.base import Detector, DetectorContext, DetectorOptions
 log = logging.getLogger(__name__)
 
 _NEAR_DUP, _LOW_MARGIN, _OOD, _OOD_KNOWN, _OFF_REFERENCE, _CENTRAL, _FEW_FEATURES = 1, 2, 4, 8, 16, 32, 64
+_NEAR_PREVIOUS = 128  # within the near-duplicate radius of the client's query just before (pattern naming only)
 
 
 def _w_quantile(w: np.ndarray, q: float) -> float:
@@ -104,7 +113,7 @@ def _spread(rows: torch.Tensor, min_rows: int) -> float | None:
 
 
 _BITS = (_NEAR_DUP, _LOW_MARGIN, _OOD, _OOD_KNOWN, _OFF_REFERENCE, _CENTRAL, _FEW_FEATURES)
-_HAS_BIT = ((np.arange(128)[:, None] & np.array(_BITS)[None, :]) > 0).astype(np.int64)  # [flag value, bit]
+_HAS_BIT = ((np.arange(256)[:, None] & np.array(_BITS)[None, :]) > 0).astype(np.int64)  # [flag value, bit]
 
 
 def _bit_counts(flags: np.ndarray) -> dict[int, int]:
@@ -113,7 +122,7 @@ def _bit_counts(flags: np.ndarray) -> dict[int, int]:
     One histogram of the flag values instead of a mask, a cast and a sum per
     bit: the share tests read six bits of every checked client's window.
     """
-    per_bit = np.bincount(flags, minlength=128) @ _HAS_BIT
+    per_bit = np.bincount(flags, minlength=256) @ _HAS_BIT
     return dict(zip(_BITS, per_bit.tolist()))
 
 
@@ -136,6 +145,26 @@ def _client_groups(slots: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, 
         rows = order[np.minimum(starts[pick][:, None] + pos[None, :], n - 1)]
         rows = np.where(valid, rows, rows[:, :1])
         yield rows, valid, ordered[starts[pick]]
+
+
+def _exact_sq(a: torch.Tensor, b: torch.Tensor, chunk_elements: int = 1 << 22) -> torch.Tensor:
+    """Squared distances between paired rows, summed in float64 over their differences (no cancellation), in
+    chunks of about ``chunk_elements`` values: a client of finite differences puts every pair of its batch
+    here."""
+    out = torch.empty(len(a), dtype=torch.float32, device=a.device)
+    step = max(1, chunk_elements // max(a.shape[1], 1))
+    for i in range(0, len(a), step):
+        diff = a[i : i + step].double() - b[i : i + step].double()
+        out[i : i + step] = (diff * diff).sum(1).float()
+    return out
+
+
+def _min_over(cands: list[torch.Tensor]) -> torch.Tensor:
+    """Element-wise minimum over the last axis of each candidate tensor, then across them."""
+    near = cands[0].min(-1).values
+    for c in cands[1:]:
+        near = torch.minimum(near, c.min(-1).values)
+    return near
 
 
 def _binom_tail(k: int, n: int, p: float) -> float:
@@ -587,7 +616,9 @@ class ExtractionDetector(Detector):
             flags[off] |= _OFF_REFERENCE
         if self.central_map is not None:
             flags[self._too_central(x, batch.labels)] |= _CENTRAL
-        flags[self._few_feature_steps(batch.X, slots)] |= _FEW_FEATURES
+        few, near_previous = self._steps_from_previous(batch.X, slots)
+        flags[few] |= _FEW_FEATURES
+        flags[near_previous] |= _NEAR_PREVIOUS
         ood_p = notes.get("ood_p")
         if ood_p is not None and len(ood_p) == n:
             ood_p = np.asarray(ood_p, dtype=np.float64)
@@ -695,32 +726,62 @@ class ExtractionDetector(Detector):
         clients (both grew with the batch: 2,048-row polls cost 3x per record).
         """
         n, dev, inf = len(slots), self.context.device, float("inf")
-        # the norm expansion loses ~1e-7 relative precision on |x|^2: tolerate it when spotting repeats
-        eps2 = self.opt.repeat_eps ** 2 + 1e-6 * x_sq
+        # the float32 norm expansion loses ~1e-7 relative precision on |x|^2, so it cannot tell a repeat from a
+        # step shorter than about sqrt(1e-6 |x|^2) (5e-3 on digits; ZOO's finite differences step 1e-4): the
+        # pairs it puts that close are measured again exactly, and repeats are judged by `repeat_eps` itself
+        loose2 = self.opt.repeat_eps ** 2 + 1e-6 * x_sq
+        exact2 = self.opt.repeat_eps ** 2
         nearest = torch.full((n,), inf, device=dev)  # to any candidate
         distinct = torch.full((n,), inf, device=dev)  # to any candidate the query does not repeat
         for rows, valid, client in _client_groups(slots):
             rows_t, valid_t = torch.as_tensor(rows, device=dev), torch.as_tensor(valid, device=dev)
-            xg, sq, e = x[rows_t], x_sq[rows_t], eps2[rows_t][:, :, None]                     # [g, w, d], [g, w]
+            xg, sq = x[rows_t], x_sq[rows_t]                                                      # [g, w, d], [g, w]
             # unfilled history entries hold |h|^2 = +inf, so they never win the min
             client_t = torch.as_tensor(client, device=dev)
             cands = [(sq[:, :, None] + self.hist_sq[client_t][:, None, :]).sub_(self._ring_dots(xg, client), alpha=2)]
             if rows.shape[1] > 1:  # earlier rows of the same client in this batch
                 peers = torch.baddbmm(sq[:, :, None] + sq[:, None, :], xg, xg.transpose(1, 2), alpha=-2)
                 cands.append(peers.masked_fill_(~valid_t[:, None, :] | self._not_earlier(rows.shape[1]), inf))
-            near = cands[0].min(2).values                                                        # [g, w]
-            if len(cands) > 1:
-                near = torch.minimum(near, cands[1].min(2).values)
+            near = _min_over(cands)                                                              # [g, w]
+            close = loose2[rows_t]
+            if bool((near <= close).any()):  # retries, finite differences: exact distances where unresolved
+                self._resolve_close_pairs(cands, xg, client, near, close)
+                near = _min_over(cands)
             far = near.clone()
-            rep = torch.nonzero((near <= e[:, :, 0]) & valid_t)
-            if len(rep):  # rare: a repeat's distance is to the nearest candidate it does not repeat
+            rep = torch.nonzero((near <= exact2) & valid_t)
+            if len(rep):  # a repeat's distance is to the nearest candidate it does not repeat
                 gi, wi = rep[:, 0], rep[:, 1]
-                mins = [c[gi, wi].masked_fill_(c[gi, wi] <= e[gi, wi], inf).min(1).values for c in cands]
-                far[gi, wi] = mins[0] if len(mins) == 1 else torch.minimum(*mins)
+                far[gi, wi] = _min_over([c[gi, wi].masked_fill_(c[gi, wi] <= exact2, inf) for c in cands])
             keep = torch.as_tensor(rows[valid], device=dev)
             nearest[keep], distinct[keep] = near[valid_t], far[valid_t]
-        is_repeat = nearest <= eps2
+        is_repeat = nearest <= exact2
         return distinct, is_repeat
+
+    def _resolve_close_pairs(self, cands: list[torch.Tensor], xg: torch.Tensor, client: np.ndarray,
+                             near: torch.Tensor, close: torch.Tensor) -> None:
+        """Replace, in place, the candidate squared distances at or under ``close`` (per row) by exact ones.
+
+        Candidates are ``_nearest_sq``'s: the client's ring, then earlier rows
+        of the group; only rows whose ``near``est candidate is that close are
+        looked at. On CPU in numpy: these are a few small gathers per group,
+        where torch's per-call overhead cost a tenth of the detector's time.
+        """
+        if xg.device.type == "cpu":
+            rows, hist, limit = xg.numpy(), self.hist.numpy(), close.numpy()
+            gr, wr = np.nonzero(near.numpy() <= limit)
+            for which, c in enumerate(cands):
+                cn = c.numpy()
+                r, j = np.nonzero(cn[gr, wr] <= limit[gr, wr][:, None])
+                g, w = gr[r], wr[r]
+                diff = rows[g, w].astype(np.float64) - (hist[client[g], j] if which == 0 else rows[g, j])
+                cn[g, w, j] = np.einsum("ij,ij->i", diff, diff)
+            return
+        client_t = torch.as_tensor(client, device=xg.device)
+        gr, wr = torch.nonzero(near <= close).unbind(1)
+        for which, c in enumerate(cands):
+            r, j = torch.nonzero(c[gr, wr] <= close[gr, wr][:, None]).unbind(1)
+            g, w = gr[r], wr[r]
+            c[g, w, j] = _exact_sq(xg[g, w], self.hist[client_t[g], j] if which == 0 else xg[g, j])
 
     def _ring_dots(self, xg: torch.Tensor, client: np.ndarray) -> torch.Tensor:
         """[g, w, history] dot products of each group's rows with its client's ring entries.
@@ -745,11 +806,13 @@ class ExtractionDetector(Detector):
             self._mask_cache = {"triu": mask}
         return mask[:n, :n]
 
-    def _few_feature_steps(self, X: np.ndarray, slots: np.ndarray) -> np.ndarray:
-        """Whether each query changes a few features of its client's query just before it (the previous row of
-        the client in this batch, else the newest entry of its history ring): coordinate-wise search and
-        finite-difference gradient estimates (SimBA's pixel basis, ZOO) step like that, at any step size;
-        natural queries differ in almost every feature."""
+    def _steps_from_previous(self, X: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """How each query steps from its client's query just before it (the previous row of the client in this
+        batch, else the newest entry of its history ring): whether it changes only a few features of it
+        (coordinate-wise search and finite-difference gradient estimates, SimBA's pixel basis, ZOO, step like
+        that at any step size; natural queries differ in almost every feature), and whether it is within the
+        near-duplicate radius of it (the pattern naming compares the two answers, see
+        ``_probe_pattern.straddles``)."""
         order = np.argsort(slots, kind="stable")
         s_sorted = slots[order]
         xs = np.asarray(X, np.float32)[order]
@@ -763,9 +826,11 @@ class ExtractionDetector(Detector):
             ring_last[have] = self.hist[torch.as_tensor(heads[have], device=self.hist.device),
                                         torch.as_tensor(pos, device=self.hist.device)].cpu().numpy()
         prev[first] = ring_last
-        out = np.zeros(len(slots), bool)
-        out[order] = probe_pattern.few_changed(xs, prev)
-        return out
+        few, near = np.zeros(len(slots), bool), np.zeros(len(slots), bool)
+        few[order] = probe_pattern.few_changed(xs, prev)
+        with np.errstate(invalid="ignore"):  # NaN rows: no previous query
+            near[order] = np.linalg.norm(xs - prev, axis=1) <= self.dup_radius
+        return few, near
 
     def _push_history(self, x: torch.Tensor, x_sq: torch.Tensor, slots: np.ndarray, is_repeat: np.ndarray) -> None:
         H = self.opt.history
@@ -969,7 +1034,16 @@ class ExtractionDetector(Detector):
         return probe_pattern.classify(
             self._ordered(self.win_prob, s) if self._k is not None else None, (flags & _NEAR_DUP) > 0,
             (flags & _LOW_MARGIN) > 0, (flags & _FEW_FEATURES) > 0,
-            probing="near_duplicates" in reasons or "concentrated" in reasons, concentrated="concentrated" in reasons)
+            probing="near_duplicates" in reasons or "concentrated" in reasons, concentrated="concentrated" in reasons,
+            near_previous=(flags & _NEAR_PREVIOUS) > 0,
+            walking="concentrated" in reasons and probe_pattern.walks(self._recent_queries(s)))
+
+    def _recent_queries(self, s: int) -> np.ndarray:
+        """Slot s's history ring (its last ``history`` queries), oldest first, exact repeats left out."""
+        n, pos, H = int(self.hist_len[s]), int(self.hist_pos[s]), self.opt.history
+        idx = np.arange(pos - n, pos) % H
+        idx = idx[~self.hist_rep[s, idx]]
+        return self.hist[s, torch.as_tensor(idx, device=self.hist.device)].cpu().numpy()
 
     # ------------------------------------------------------------ checkpoints
     _ARRAYS = ("hist_len", "hist_rep", "hist_pos", "win_dist", "win_flags", "win_label",

@@ -138,3 +138,36 @@ def test_few_feature_steps_link_a_chain_that_near_duplicates_alone_break() -> No
     no = np.zeros(64, bool)
     assert pp.chain_trends(probs, no) == (0, 0)  # near duplicates alone: no chain
     assert pp.classify(probs, no, no, few(rows), probing=True, concentrated=True) == pp.INVERSION
+
+
+def test_a_boundary_search_straddles_and_a_walk_near_it_does_not() -> None:
+    """Decision-based attacks (HopSkipJump, Sign-OPT) binary-search the boundary: about half their small steps
+    are answered with the other class; copies of a record that sits near the boundary cross it now and then."""
+    rng = np.random.default_rng(11)
+    search = two_class(rng.choice([-0.5, 0.5], 60))  # each step lands on either side
+    steps = np.r_[False, np.ones(59, bool)]
+    assert pp.straddles(search, steps)
+    assert not pp.straddles(search, np.zeros(60, bool))  # unrelated queries: a label change says nothing
+    near_boundary = two_class(np.where(np.arange(60) % 12 == 5, -0.5, 0.5))  # one copy in twelve crosses
+    assert not pp.straddles(near_boundary, steps)
+    no = np.zeros(60, bool)
+    assert pp.classify(search, no, no, no, probing=True, concentrated=True, near_previous=steps) == pp.BLACK_BOX
+    assert pp.classify(near_boundary, steps, no, no, probing=True, concentrated=True,
+                       near_previous=steps) == pp.MEMBERSHIP
+
+
+def test_a_walk_from_a_far_start_is_black_box_and_scattered_copies_are_membership() -> None:
+    """ART's Boundary attack starts from a random adversarial input and walks towards the original with a
+    constant answer: concentrated, near duplicates, no climb or fall; it walks, copies of one record do not."""
+    rng = np.random.default_rng(12)
+    start = rng.uniform(0, 1, (1, 30))
+    target = rng.uniform(0, 1, 30)
+    steps = start + np.linspace(0.1, 0.6, 50)[:, None] * (target - start) + rng.normal(0, 0.005, (50, 30))
+    walk_rows = np.r_[rng.uniform(0, 1, (2, 30)), steps].astype(np.float32)  # two far-off random tries first
+    copies = (target + rng.normal(0, 0.05, (52, 30))).astype(np.float32)
+    assert pp.walks(walk_rows) and not pp.walks(copies)
+    assert not pp.walks(walk_rows[:5])  # too few queries to say
+    probs = two_class(np.full(52, 8.0) + rng.normal(0, 0.05, 52))
+    near, no = np.r_[False, np.ones(51, bool)], np.zeros(52, bool)
+    assert pp.classify(probs, near, no, no, True, True, near_previous=near, walking=True) == pp.BLACK_BOX
+    assert pp.classify(probs, near, no, no, True, True, near_previous=near, walking=False) == pp.MEMBERSHIP
