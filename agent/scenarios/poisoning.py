@@ -173,6 +173,12 @@ def run_variant(ds: Dataset, model: WatchedModel, variant: str, n_benign: int, d
     share = VARIANTS[variant]
     n_poison = round(share * n_benign / (1 - share))
     stream = _merge(benign, poison(ds, variant, n_poison, rng, n_sources))
+    return {"variant": variant, "held_out": variant not in DEVELOPMENT_VARIANTS, "poison_share": share,
+            **measure(ds, model, stream, device, seed)}
+
+
+def measure(ds: Dataset, model: WatchedModel, stream: Stream, device: torch.device, seed: int) -> dict:
+    """Run the poisoning detector, fitted on the training rows, over a feedback stream; record-level figures."""
     ctx = DetectorContext(device=device, input_shape=ds.input_shape, n_classes=ds.n_classes, model=model, seed=seed)
     det = PoisoningDetector(PoisoningDetector.Options(), ctx)
     det.fit(ReferenceData(ds.X_train, ds.y_train, ds.input_shape))
@@ -197,16 +203,14 @@ def run_variant(ds: Dataset, model: WatchedModel, variant: str, n_benign: int, d
     apart = stream.poisoned & ~_twins_of_honest_mistakes(stream)
     kinds = sorted({f.evidence["kind"] for f in findings})
     return {
-        "dataset": ds.name, "variant": variant, "held_out": variant not in DEVELOPMENT_VARIANTS,
-        "poison_share": share, "records": len(ids), "poisoned": int(stream.poisoned.sum()),
+        "dataset": ds.name, "records": len(ids), "poisoned": int(stream.poisoned.sum()),
         "honest_mistakes": int(stream.honest_mistake.sum()), "named": int(sel.sum()),
         "precision": tp / max(int(sel.sum()), 1), "recall": tp / max(int(stream.poisoned.sum()), 1),
         "precision_lenient": (tp + honest_flagged) / max(int(sel.sum()), 1),
         "honest_mistakes_named": honest_flagged, "clean_named": fp - honest_flagged,
         "poisoned_twin_of_honest_mistake_share": 1.0 - int(apart.sum()) / max(int(stream.poisoned.sum()), 1),
         "recall_without_honest_twins": int((sel & apart).sum()) / max(int(apart.sum()), 1),
-        "findings": len(findings), "kinds": kinds,
-        "backdoor_named": variant.startswith("backdoor") and "backdoor" in kinds,
+        "findings": len(findings), "kinds": kinds, "backdoor_named": "backdoor" in kinds,
         "detector_rps": len(ids) / run_s,
     }
 
