@@ -6,9 +6,9 @@ things, and the SOC needs the right ATLAS technique for each:
 - **black-box evasion** (SimBA, HopSkipJump, Boundary, ZOO): each run of small
   steps walks *away* from the class its seed had, until the label flips; then
   a new seed starts a new run. Or it sits on the decision boundary
-  (decision-based attacks: low margins, or linked queries answered now with
-  one class, now with the other, see :func:`straddles`), or its consecutive queries differ in a few input
-  features only (coordinate-wise search and finite-difference gradient
+  (decision-based attacks: low margins, or small steps answered now with one
+  class, now with the other, see :func:`straddles`), or its consecutive
+  queries differ in a few input features only (coordinate-wise search and finite-difference gradient
   estimates: SimBA's pixel basis, ZOO), which shows even while its steps
   have not yet moved the model's answer, and with steps too large to be
   near duplicates;

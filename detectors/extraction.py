@@ -758,15 +758,16 @@ class ExtractionDetector(Detector):
         return distinct, is_repeat
 
     def _resolve_close_pairs(self, cands: list[torch.Tensor], xg: torch.Tensor, client: np.ndarray,
-                             near: torch.Tensor, close: torch.Tensor) -> None:
+                             near: torch.Tensor, close: torch.Tensor, numpy_path: bool | None = None) -> None:
         """Replace, in place, the candidate squared distances at or under ``close`` (per row) by exact ones.
 
         Candidates are ``_nearest_sq``'s: the client's ring, then earlier rows
         of the group; only rows whose ``near``est candidate is that close are
-        looked at. On CPU in numpy: these are a few small gathers per group,
-        where torch's per-call overhead cost a tenth of the detector's time.
+        looked at. On CPU in numpy (``numpy_path`` None: by device): these are
+        a few small gathers per group, where torch's per-call overhead cost a
+        tenth of the detector's time.
         """
-        if xg.device.type == "cpu":
+        if xg.device.type == "cpu" if numpy_path is None else numpy_path:
             rows, hist, limit = xg.numpy(), self.hist.numpy(), close.numpy()
             gr, wr = np.nonzero(near.numpy() <= limit)
             for which, c in enumerate(cands):

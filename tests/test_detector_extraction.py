@@ -172,6 +172,23 @@ def test_finite_difference_steps_are_not_mistaken_for_repeats(fitted: Extraction
     assert first.evidence["pattern"] == "black_box_probing"
 
 
+def test_exact_recheck_gives_the_same_on_the_torch_path(fitted: ExtractionDetector, tmp_path, monkeypatch) -> None:
+    """The float64 recheck runs in numpy on CPU and in torch elsewhere (CUDA): both paths give the same
+    repeats and distances (the torch one forced here on CPU)."""
+    data = traffic(n_benign=2000, attack="finite_differences", n_attack=300)
+    numpy_det, torch_det = fresh_from(fitted, tmp_path), fresh_from(fitted, tmp_path)
+    numpy_findings = run(numpy_det, data)
+    plain = ExtractionDetector._resolve_close_pairs
+    monkeypatch.setattr(ExtractionDetector, "_resolve_close_pairs",
+                        lambda self, *a: plain(self, *a, numpy_path=False))
+    torch_findings = run(torch_det, data)
+    assert [f.evidence["queries_at_first_detection"] for f in numpy_findings] == \
+        [f.evidence["queries_at_first_detection"] for f in torch_findings]
+    np.testing.assert_array_equal(numpy_det.hist_rep, torch_det.hist_rep)
+    np.testing.assert_allclose(numpy_det.win_dist, torch_det.win_dist, rtol=1e-5)
+    assert numpy_det.informative.sum() == torch_det.informative.sum() < 2300  # retries stay repeats
+
+
 def test_state_round_trip_continues_exactly(fitted: ExtractionDetector, tmp_path) -> None:
     data = traffic(attack="membership", seed=3)
     straight = fresh_from(fitted, tmp_path)
