@@ -5,8 +5,8 @@ the eval's held-out variants are still ours. This measures it against a
 widely used third-party toolkit whose attacks we did not implement or tune:
 white-box (Auto-PGD with cross-entropy and DLR losses, BIM, elastic-net
 EAD, JSMA's L0 saliency attack, NewtonFool, universal perturbations),
-score-based black-box (Square) and decision-based black-box (HopSkipJump,
-Boundary). Same deployment as ``evasion.seed_spread`` (the eval's model and
+score-based black-box (Square, SimBA, ZOO) and decision-based black-box
+(HopSkipJump, Boundary, Sign-OPT). Same deployment as ``evasion.seed_spread`` (the eval's model and
 reference); per detector seed, the calibrated TPR at ``fpr`` 0.01, the TPR at
 the benign rows' own 99th percentile of the anomaly score (what a perfect
 threshold would give), and AUROC, over successful adversarials of correctly
@@ -79,7 +79,13 @@ def attacks(ds: data.Dataset, model: WatchedModel) -> dict[str, Callable[[], Any
                                                                   init_eval=50, verbose=False),
         "Boundary (decision-based)": lambda: ev.BoundaryAttack(clf, targeted=False, max_iter=500, num_trial=20,
                                                                verbose=False),
+        "ZOO (score-based, finite differences)": lambda: ev.ZooAttack(
+            clf, learning_rate=0.1, max_iter=100, initial_const=1.0, use_resize=False, use_importance=False,
+            nb_parallel=min(32, ds.dim // 2), verbose=False),
     }
+    if ds.n_classes > 2:  # ART 1.20.1 refuses binary classifiers here
+        out["Sign-OPT (decision-based)"] = lambda: ev.SignOPTAttack(clf, targeted=False, max_iter=100,
+                                                                    query_limit=2000, verbose=False)
     if ds.n_classes > 2:  # the DLR loss needs a third class
         out["APGD-DLR Linf 0.1"] = lambda: ev.AutoProjectedGradientDescent(
             clf, norm=np.inf, eps=0.1 * u, eps_step=0.02 * u, max_iter=100, nb_random_init=1,
@@ -87,6 +93,12 @@ def attacks(ds: data.Dataset, model: WatchedModel) -> dict[str, Callable[[], Any
     if len(_art_input_shape(ds)) == 3:
         out["Square Linf 0.15 (score-based)"] = lambda: ev.SquareAttack(clf, norm=np.inf, eps=0.15 * u, max_iter=500,
                                                                         nb_restarts=1, verbose=False)
+        # SimBA insists on probabilities (the others take logits, which keep more of the gradient)
+        scores = PyTorchClassifier(torch.nn.Sequential(_Logits(model), torch.nn.Softmax(dim=1)),
+                                   loss=torch.nn.NLLLoss(), input_shape=_art_input_shape(ds), nb_classes=ds.n_classes,
+                                   clip_values=(ds.lo, ds.hi), device_type="cpu")
+        out["SimBA pixels 0.2 (score-based)"] = lambda: ev.SimBA(scores, attack="px", max_iter=1000,
+                                                                 epsilon=0.2 * u, verbose=False)
     return out
 
 
