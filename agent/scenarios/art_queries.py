@@ -17,7 +17,7 @@ GeoDA is left out: 1.20.1 calls ``np.mat``, which NumPy 2 removed.)
 
 Held out: no detector threshold or rule was set on these streams. Optional
 dependency (``pip install '.[attacks]'``):
-``python -m agent.scenarios.art_queries 0,1``; about a minute per seed.
+``python -m agent.scenarios.art_queries 0,1``; about five seconds per seed.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ EXPECTED = "black_box_probing"
 
 
 def _attack_factories(ds: Dataset, clf: Any) -> dict[str, Callable[[], Any]]:
-    """ART attacks by name, at ART's documented defaults where they fit a few thousand queries per seed."""
+    """ART attacks by name, their iteration budgets cut so that one seed takes hundreds to a few thousand
+    queries (strengths as in ``art_attacks``: shares of the digits' [0, 1] range)."""
     from art.attacks import evasion as ev
 
     out: dict[str, Callable[[], Any]] = {
@@ -54,10 +55,9 @@ def _attack_factories(ds: Dataset, clf: Any) -> dict[str, Callable[[], Any]]:
         out["Sign-OPT"] = lambda: ev.SignOPTAttack(clf, targeted=False, max_iter=50, query_limit=2000,
                                                    verbose=False)
     if len(_art_input_shape(ds)) == 3:  # ART runs these on image-shaped inputs only
-        u = 1.0
-        out["SimBA pixels"] = lambda: ev.SimBA(clf, attack="px", max_iter=1000, epsilon=0.2 * u, verbose=False)
-        out["SimBA DCT"] = lambda: ev.SimBA(clf, attack="dct", max_iter=1000, epsilon=0.2 * u, verbose=False)
-        out["Square Linf"] = lambda: ev.SquareAttack(clf, norm=np.inf, eps=0.15 * u, max_iter=300, nb_restarts=1,
+        out["SimBA pixels"] = lambda: ev.SimBA(clf, attack="px", max_iter=1000, epsilon=0.2, verbose=False)
+        out["SimBA DCT"] = lambda: ev.SimBA(clf, attack="dct", max_iter=1000, epsilon=0.2, verbose=False)
+        out["Square Linf"] = lambda: ev.SquareAttack(clf, norm=np.inf, eps=0.15, max_iter=300, nb_restarts=1,
                                                      verbose=False)
     return out
 
@@ -66,8 +66,8 @@ class _Recorder(torch.nn.Module):
     """The model as ART sees it: probabilities from the oracle, every query kept in the order it came.
 
     A ``PyTorchClassifier`` around it rather than ART's ``BlackBoxClassifier``:
-    SimBA, Square and GeoDA insist on a neural-network estimator although they
-    never ask it for a gradient; nothing here can give one (the oracle is numpy).
+    SimBA and Square insist on a neural-network estimator although they never
+    ask it for a gradient; nothing here could give one (the oracle is numpy).
     """
 
     def __init__(self, oracle: Oracle) -> None:
