@@ -251,6 +251,18 @@ def test_evaluate_quick_meets_the_evasion_goals() -> None:
         assert (v["tpr_class_kept"] is None) == (v["class_kept_share"] == 0.0), v
 
 
+@pytest.mark.slow
+def test_one_client_with_a_mild_natural_shift_gets_no_campaign() -> None:
+    """The odd-client scenario (the known false alarm, README): a single client whose inputs are darker, of
+    lower contrast or with some pixels scaled is not taken for an attacker; noise, rotation and blur still
+    are (measured, not asserted: that is the limitation the scenario exists to show)."""
+    from agent.scenarios import evasion
+
+    odd = evasion.odd_clients("digits", 0)
+    for shift in ("contrast x0.6", "scale 16 pixels x0.5", "brightness +0.15"):
+        assert not odd[shift]["campaign"] and odd[shift]["flagged_share"] < 0.05, (shift, odd[shift])
+
+
 def test_class_judge_keeps_small_perturbations_and_follows_rows_into_another_class(digits) -> None:
     """The eval's independent reading of a row's class: jittered test rows keep theirs; a test row moved
     most of the way onto a training row of another class is judged that class, whatever a model says."""
