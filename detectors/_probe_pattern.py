@@ -8,10 +8,10 @@ things, and the SOC needs the right ATLAS technique for each:
   a new seed starts a new run. Or it sits on the decision boundary
   (decision-based attacks: low margins, or small steps answered now with one
   class, now with the other, see :func:`straddles`), or its consecutive
-  queries differ in a few input features only (coordinate-wise search and finite-difference gradient
-  estimates: SimBA's pixel basis, ZOO), which shows even while its steps
-  have not yet moved the model's answer, and with steps too large to be
-  near duplicates;
+  queries differ in a few input features only (coordinate-wise search and
+  finite-difference gradient estimates: SimBA's pixel basis, ZOO), which
+  shows even while its steps have not yet moved the model's answer, and with
+  steps too large to be near duplicates;
 - **model inversion**: a run of small steps *climbs* one class's confidence
   until the model is sure;
 - **membership inference**: many near copies of one record, confidence
@@ -23,9 +23,9 @@ makes a saw-tooth of its confidences; over the whole window that reads as
 neither a fall nor a climb (or as a climb, from a low tail end to a fresh
 seed). A chain is a maximal run of consecutive queries each a near duplicate
 of the client's earlier ones, or a step of a few features from the query
-before; a query that is neither starts a new chain. The second link keeps a search with
-large coordinate steps (SimBA or an inversion with a big step size) in one
-chain.
+before; a query that is neither starts a new chain. The second link keeps a
+search with large coordinate steps (SimBA or an inversion with a big step
+size) in one chain.
 Inversion also needs the client's queries to be concentrated (one evolving
 input): a synthetic-data extraction attacker (JbDA) pushes its earlier
 queries deeper into their own classes, round after round, and its rounds can
@@ -187,15 +187,15 @@ def classify(probs: np.ndarray | None, near_duplicate: np.ndarray, low_margin: n
     """
     few = few_features.astype(bool)
     linked = near_duplicate.astype(bool) | few
+    small = few if near_previous is None else few | near_previous.astype(bool)
     if probs is not None:
-        have = np.isfinite(probs).all(1)
-        small = few if near_previous is None else few | near_previous.astype(bool)
-        if straddles(probs[have], small[have]):
+        have = np.isfinite(probs).all(1)  # the trends read only the queries whose answers are known
+        probs, linked, small = probs[have], linked[have], small[have]
+        if straddles(probs, small):
             return BLACK_BOX
     if probing:
         if probs is not None:
-            have = np.isfinite(probs).all(1)
-            climbing, falling = chain_trends(probs[have], linked[have])
+            climbing, falling = chain_trends(probs, linked)
             if concentrated and climbing and climbing >= falling:
                 return INVERSION
             if falling > climbing:

@@ -160,7 +160,7 @@ def _evaluate_dataset(name: str, device: torch.device, quick: bool, seed: int = 
         pred = model.predict_proba(adv)
         ok = pred.argmax(1) != ys
         delta = adv[ok] - Xs[ok]
-        kept[variant] = judge.predict(adv[ok]) == ys[ok] if ok.any() else np.zeros(0, bool)
+        kept[variant] = _kept_in_class(judge, adv[ok], ys[ok])
         ts = np.sort(rng.uniform(300, 3300, int(ok.sum())))
         stream.add(variant, adv[ok], ts, [f"attacker-{vi}"] * int(ok.sum()), pred[ok])
         variants[variant] = {
@@ -187,7 +187,7 @@ def _evaluate_dataset(name: str, device: torch.device, quick: bool, seed: int = 
     stream.add("simba (held out, black-box)", sim_adv[ok], np.full(int(ok.sum()), 3000.5),
                ["attacker-simba"] * int(ok.sum()), final_pred[ok])
     delta = sim_adv[ok] - Xs[:n_bb][ok]
-    kept["simba (held out, black-box)"] = judge.predict(sim_adv[ok]) == ys[:n_bb][ok] if ok.any() else np.zeros(0, bool)
+    kept["simba (held out, black-box)"] = _kept_in_class(judge, sim_adv[ok], ys[:n_bb][ok])
     variants["simba (held out, black-box)"] = {
         "variant": "simba (held out, black-box)", "data": name, "client": "attacker-simba", "held_out": True,
         "crafted": n_bb, "successful": int(ok.sum()), "success_rate": float(ok.mean()),
@@ -273,6 +273,11 @@ def class_judge(ds: data.Dataset):
     return KNeighborsClassifier(CLASS_JUDGE_NEIGHBOURS).fit(ds.X_train, ds.y_train)
 
 
+def _kept_in_class(judge, adv: np.ndarray, seed_labels: np.ndarray) -> np.ndarray:
+    """Per successful adversarial, whether the judge still puts it in its seed's class."""
+    return judge.predict(adv) == seed_labels if len(adv) else np.zeros(0, bool)
+
+
 def _class_kept_view(row: dict[str, Any], flagged: np.ndarray, kept: np.ndarray) -> None:
     """Add to a variant's row the share of its successful adversarials the judge keeps in their seed's class,
     and the TPR on those."""
@@ -345,7 +350,7 @@ def seed_spread(name: str, seeds: list[int], options: dict[str, Any] | None = No
     for variant, adv in _craft(model, ds, Xs, ys, 0).items():
         ok = model.predict_proba(adv).argmax(1) != ys
         attacks_ok[variant] = adv[ok]
-        kept[variant] = judge.predict(adv[ok]) == ys[ok]
+        kept[variant] = _kept_in_class(judge, adv[ok], ys[ok])
     rows = []
     for s in seeds:
         det = fitted_detector(ds, model, X_ref, y_ref, s, options)
