@@ -11,7 +11,9 @@ per-query observations. From them, at every ``check_every`` queries:
   random or out-of-task inputs) make them skewed or multi-modal. PRADA flags
   when the Shapiro-Wilk statistic W falls below delta. We calibrate delta on
   simulated benign clients drawn from the reference data, so no attack data
-  is ever used to set it.
+  is ever used to set it; per number of classes a client's window was
+  answered as, because natural clients of one or two classes are far from
+  normal too.
 - **Concentration**: probing around one record (membership inference,
   SimBA-style evasion, inversion) keeps a client's recent distinct queries
   within a small radius; alarm below ``spread_factor`` x the 0.1% quantile of
@@ -96,6 +98,9 @@ def _w_quantile(w: np.ndarray, q: float) -> float:
 
     z = np.log(np.clip(1.0 - w, 1e-12, None))
     return float(1.0 - np.exp(z.mean() + ndtri(1.0 - q) * z.std(ddof=1)))
+
+
+CLASS_COUNTS_SIMULATED = (1, 2, 3, 5)  # besides every class: the few-class clients delta is calibrated on
 
 
 def _spread(rows: torch.Tensor, min_rows: int) -> float | None:
@@ -247,7 +252,8 @@ class ExtractionDetector(Detector):
     def __init__(self, options: DetectorOptions, context: DetectorContext):
         super().__init__(options, context)
         self.opt: ExtractionDetector.Options = options  # type: ignore[assignment]
-        self.delta: float | None = None
+        self.delta: float | None = None  # PRADA's threshold on W for a client drawing from every class
+        self.delta_by_classes: list[tuple[int, float]] = []  # (class count, delta), see _deltas_by_class_count
         self.dup_radius: float | None = None
         self.benign_dup_rate: float = self.opt.min_dup_rate
         self.min_spread: float = 0.0
@@ -291,34 +297,15 @@ class ExtractionDetector(Detector):
 
         rng = np.random.default_rng(self.context.seed)
         length = o.history + o.window
-        w_small, w_full, spreads, dup_hits, dup_total = [], [], [], 0, 0
-        for start in range(0, o.prada_simulations, 200):
-            s = min(200, o.prada_simulations - start)
-            seq = X[torch.as_tensor(rng.integers(0, n, (s, length)), device=X.device)]
-            d = torch.cdist(seq, seq, compute_mode="donot_use_mm_for_euclid_dist")  # [s, L, L]
-            idx = torch.arange(length, device=X.device)
-            lag = idx[:, None] - idx[None, :]
-            valid = (lag > 0) & (lag <= o.history)
-            d = d.masked_fill(~valid, float("inf"))
-            d = d.masked_fill(d <= o.repeat_eps, float("inf"))
-            mins = d.min(2).values[:, o.history :].cpu().numpy()
-            for sim in seq[:, -o.history :]:
-                value = _spread(torch.unique(sim, dim=0), o.min_queries)
-                if value is not None:
-                    spreads.append(value)
-            for row in mins:
-                row = row[np.isfinite(row)]
-                if len(row) >= o.min_queries:
-                    w_small.append(shapiro_w(row[: o.min_queries]))
-                    w_full.append(shapiro_w(row))
-                    dup_hits += int((row <= self.dup_radius).sum())
-                    dup_total += len(row)
+        w_small, w_full, spreads, dup_hits, dup_total = self._simulate_clients(
+            X, lambda s: torch.as_tensor(rng.integers(0, n, (s, length)), device=X.device))
         if not w_full:
             raise ValueError("extraction: reference data has too many exact duplicates to calibrate; "
                              "give more distinct reference rows")
         q_small = _w_quantile(np.asarray(w_small), o.prada_fpr)
         q_full = _w_quantile(np.asarray(w_full), o.prada_fpr)
         self.delta = min(q_small, q_full)
+        self.delta_by_classes = self._deltas_by_class_count(X, reference, rng)
         self.benign_dup_rate = max(o.min_dup_rate, dup_hits / max(dup_total, 1))
         self.min_spread = float(np.quantile(spreads, 0.001)) * o.spread_factor if spreads else 0.0
         self.calibration = {
@@ -327,6 +314,7 @@ class ExtractionDetector(Detector):
             "benign_dup_rate": dup_hits / max(dup_total, 1), "simulated_clients": len(w_full),
             "reference_rows": n, "min_spread": self.min_spread,
             "benign_spread_median": float(np.median(spreads)) if spreads else None,
+            "delta_by_classes": [list(kd) for kd in self.delta_by_classes],
             "prada": "on" if self.delta > 0 else "off: benign W spreads too wide for a threshold at prada_fpr",
         }
         if self.delta <= 0:
@@ -336,6 +324,94 @@ class ExtractionDetector(Detector):
             log.warning("extraction: the PRADA test is off for this reference: simulated benign clients' W "
                         "(median %.3f) puts the %g quantile at %.3f, below any W; the other tests still run",
                         float(np.median(w_full)), o.prada_fpr, self.delta)
+
+    def _simulate_clients(self, X: torch.Tensor, draw) -> tuple[list[float], list[float], list[float], int, int]:
+        """Benign clients simulated as sequences of reference rows (``draw(s)`` gives [s, history + window]
+        row indices), through the same ring-buffer distances as at run time.
+
+        Returns W at a client's first check (its first ``min_queries`` queries
+        that have an earlier one to be near: a fresh client's early queries have
+        few, so their min distances run larger, as at run time), W over a full
+        window once the history ring is full, the spreads of the full ring, and
+        the near-duplicate count and total of the full windows.
+        """
+        o = self.opt
+        length = o.history + o.window
+        w_first, w_full, spreads, dup_hits, dup_total = [], [], [], 0, 0
+        idx = torch.arange(length, device=X.device)
+        lag = idx[:, None] - idx[None, :]
+        valid = (lag > 0) & (lag <= o.history)
+        for start in range(0, o.prada_simulations, 200):
+            seq = X[draw(min(200, o.prada_simulations - start))]
+            d = torch.cdist(seq, seq, compute_mode="donot_use_mm_for_euclid_dist")  # [s, L, L]
+            d = d.masked_fill(~valid, float("inf"))
+            d = d.masked_fill(d <= o.repeat_eps, float("inf"))
+            mins = d.min(2).values.cpu().numpy()
+            for sim in seq[:, -o.history :]:
+                value = _spread(torch.unique(sim, dim=0), o.min_queries)
+                if value is not None:
+                    spreads.append(value)
+            for row in mins:
+                first = row[np.isfinite(row)][: o.min_queries]
+                if len(first) >= o.min_queries:
+                    w_first.append(shapiro_w(first))
+                full = row[o.history :]
+                full = full[np.isfinite(full)]
+                if len(full) >= o.min_queries:
+                    w_full.append(shapiro_w(full))
+                    dup_hits += int((full <= self.dup_radius).sum())
+                    dup_total += len(full)
+        return w_first, w_full, spreads, dup_hits, dup_total
+
+    def _deltas_by_class_count(self, X: torch.Tensor, reference: ReferenceData, rng: np.random.Generator
+                               ) -> list[tuple[int, float]]:
+        """delta for benign clients whose queries span few classes: [(k, delta)], k ascending, the last entry
+        (every class) the mixed clients' delta; a client is tested against the entry of the largest k not
+        above the number of classes its window was answered as.
+
+        Why: a client that only ever sees one or two kinds of input (a clinic's
+        one condition, a form whose box takes one digit) sends natural rows
+        whose min distances to each other are far from normal: on digits, such
+        a client's W fell below the mixed clients' delta within 66 queries,
+        with no attack at all. So delta is calibrated per class count, on
+        clients simulated as random reference rows of k random classes; with
+        one or two classes it falls so low that PRADA rarely fires (the other
+        tests still run). A delta never exceeds that of a larger class count.
+        Without reference labels every client is tested against the mixed
+        delta, as before.
+        """
+        if reference.y is None:
+            return [(1, self.delta)]
+        y = np.asarray(reference.y)
+        classes = np.unique(y)
+        members = [np.flatnonzero(y == c) for c in classes]
+        length = self.opt.history + self.opt.window
+        out = []
+        for k in (k for k in CLASS_COUNTS_SIMULATED if k < len(classes)):
+            def draw(s: int, k: int = k) -> torch.Tensor:
+                rows = []
+                for _ in range(s):
+                    pool = np.concatenate([members[c] for c in rng.choice(len(classes), k, replace=False)])
+                    rows.append(pool[rng.integers(0, len(pool), length)])
+                return torch.as_tensor(np.stack(rows), device=X.device)
+
+            w_first, w_full, *_ = self._simulate_clients(X, draw)
+            if len(w_first) > 1 and len(w_full) > 1:
+                out.append((k, min(_w_quantile(np.asarray(w_first), self.opt.prada_fpr),
+                                   _w_quantile(np.asarray(w_full), self.opt.prada_fpr))))
+        out.append((len(classes), self.delta))
+        deltas = np.minimum.accumulate([d for _, d in out][::-1])[::-1]
+        return [(k, float(d)) for (k, _), d in zip(out, deltas, strict=True)]
+
+    def _delta_for(self, labels: np.ndarray) -> float:
+        """delta for a window answered as ``labels`` (-1: unknown): that of the largest simulated class count
+        not above the number of classes seen (one when none is known)."""
+        seen = max(len(np.unique(labels[labels >= 0])), 1)
+        delta = self.delta_by_classes[0][1]
+        for k, d in self.delta_by_classes:
+            if k <= seen:
+                delta = d
+        return delta
 
     def _fit_reference_cover(self, reference: ReferenceData) -> None:
         """Centroids of half the reference, in whitened space; the other half sets the off-reference radius.
@@ -469,6 +545,8 @@ class ExtractionDetector(Detector):
         cal = tree["calibration"]
         self.calibration = dict(cal)
         self.delta = float(cal["delta"])
+        # artifacts trained before per-class-count deltas test every client against the mixed delta
+        self.delta_by_classes = [(int(k), float(d)) for k, d in cal.get("delta_by_classes", [(1, self.delta)])]
         self.dup_radius = float(cal["dup_radius"])
         self.benign_dup_rate = float(tree["benign_dup_rate"])
         self.min_spread = float(cal["min_spread"])
@@ -896,9 +974,10 @@ class ExtractionDetector(Detector):
         evidence: dict[str, Any] = {"window_queries": len(flags), "client_queries": int(self.count[s])}
         if len(d) >= o.min_queries:
             w = shapiro_w(d)
+            delta = self._delta_for(self._filled(self.win_label, s))
             evidence["prada_w"] = w
-            evidence["prada_delta"] = self.delta
-            if w < self.delta:
+            evidence["prada_delta"] = delta
+            if w < delta:
                 reasons["prada"] = w
         # a history ring that is not full has never wrapped: its filled part is its first hist_len entries
         distinct = np.flatnonzero(~self.hist_rep[s, : int(self.hist_len[s])])

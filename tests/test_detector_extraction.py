@@ -250,6 +250,52 @@ def test_population_drift_and_noisy_retries_flag_no_benign_client(fitted: Extrac
     assert det.pop_rate["off_reference"] > 0.5, "the drift should have moved the population baseline"
 
 
+def test_clients_of_one_class_are_not_extraction(fitted: ExtractionDetector, tmp_path) -> None:
+    """Ten benign clients that each only ever see one digit (its natural test and training rows, answered as
+    that digit) and a batch job scoring the test set sorted by class. One class's min distances are far from
+    normal: against the mixed clients' delta alone, one-class-2 was flagged by PRADA (before per-class-count
+    deltas)."""
+    ds = load("digits")
+    rng = np.random.default_rng(0)
+    X, c, ts = benign_traffic(ds, 6000, 40, seed=0)
+    parts, clients, times = [X], [f"tenant-{i}" for i in c], [ts]
+    labels = [rng.integers(0, 10, len(X))]
+    for k in range(10):
+        rows = np.concatenate([ds.X_test[ds.y_test == k], ds.X_train[ds.y_train == k]])
+        parts.append(rows[rng.permutation(len(rows))])
+        clients += [f"one-class-{k}"] * len(rows)
+        times.append(np.sort(rng.uniform(0, 3600, len(rows))))
+        labels.append(np.full(len(rows), k))
+    by_class = np.argsort(ds.y_test, kind="stable")
+    parts.append(ds.X_test[by_class])
+    clients += ["class-sorted-batch"] * len(by_class)
+    times.append(np.linspace(1000, 1600, len(by_class)))
+    labels.append(ds.y_test[by_class])
+    X, ts, y = np.concatenate(parts), np.concatenate(times), np.concatenate(labels)
+    order = np.argsort(ts, kind="stable")
+    probs = np.eye(10, dtype=np.float32)[y[order]]
+    det = fresh_from(fitted, tmp_path)
+    findings = run(det, (X[order], ts[order], [clients[i] for i in order], probs))
+    assert findings == [], [(f.actor, f.evidence["reasons"]) for f in findings]
+
+
+def test_delta_per_class_count_is_monotone_and_old_artifacts_keep_one_delta(fitted: ExtractionDetector,
+                                                                              tmp_path) -> None:
+    counts = [k for k, _ in fitted.delta_by_classes]
+    deltas = [d for _, d in fitted.delta_by_classes]
+    assert counts == [1, 2, 3, 5, 10] and deltas == sorted(deltas) and deltas[-1] == fitted.delta
+    assert deltas[0] < fitted.delta - 0.2, "one-class clients' W spreads far wider than mixed clients'"
+    assert fitted._delta_for(np.array([-1, -1])) == deltas[0], "no known answer: the most cautious delta"
+    assert fitted._delta_for(np.array([4, 4, 7, 7, 9, 9, 1])) == deltas[2], "four classes: the entry for three"
+    assert fitted._delta_for(np.arange(10)) == fitted.delta
+    tree = fitted.artifacts()
+    tree["calibration"] = {k: v for k, v in tree["calibration"].items() if k != "delta_by_classes"}
+    save_tree(tmp_path / "old.npz", tree)
+    old = ExtractionDetector(ExtractionDetector.Options(), fitted.context)
+    old.load_artifacts(load_tree(tmp_path / "old.npz"))
+    assert old._delta_for(np.array([3])) == old._delta_for(np.arange(10)) == fitted.delta
+
+
 def test_throughput_batch_512(fitted: ExtractionDetector, tmp_path) -> None:
     det = fresh_from(fitted, tmp_path)
     data = traffic(n_benign=20000, n_clients=300, attack=None)
