@@ -98,6 +98,14 @@ class PoisoningDetector(Detector):
     class Options(DetectorOptions):
         k: int = Field(10, ge=1, le=100, description="reference neighbours voting on each label")
         holdout: float = Field(0.3, gt=0.05, lt=0.9, description="share of reference rows kept to calibrate on")
+        unseen_rates: bool = Field(
+            True, description="when the watched model is right on significantly more calibration rows than a twin "
+                              "surrogate trained on the other reference rows (the reference looks like the model's "
+                              "own training rows), add to `benign_flag_rate` and `honest_error_rate` the share of "
+                              "correctly labelled calibration rows the twin flags: what new clean feedback will "
+                              "show (measured in `train`)")
+        seen_alpha: float = Field(0.01, gt=0, lt=0.5,
+                                  description="level of that test (exact McNemar test, one-sided)")
         record_fpr: float = Field(1e-4, gt=0, lt=0.2,
                                   description="share of correctly labelled records the per-record threshold "
                                               "may flag (extrapolated with an exponential tail fit)")
@@ -148,6 +156,10 @@ class PoisoningDetector(Detector):
         super().__init__(options, context)
         self.opt: PoisoningDetector.Options = options  # type: ignore[assignment]
         self.fitted = False
+        self._scoring_model = None  # a twin surrogate while fit measures the unseen-row rates
+        self.calibration_seen: dict[str, Any] = {}  # the McNemar test of _unseen_rates (fit)
+        self.unseen_strong_rate = 0.0  # clean rows' own strong / weak flag rates on rows a model never saw (fit)
+        self.unseen_weak_rate = 0.0
         self.rank_clean: np.ndarray | None = None
         self.windows: dict[int, dict[str, Any]] = {}
         self.evicted_sources = 0
@@ -181,13 +193,77 @@ class PoisoningDetector(Detector):
         floor = 1.0 / len(shift)
         self.exceed_pos = np.maximum((shift > o.trigger_min_shift).mean(0), floor)
         self.exceed_neg = np.maximum((shift < -o.trigger_min_shift).mean(0), floor)
+        self.unseen_strong_rate, self.unseen_weak_rate = self._unseen_rates(base, cal) if o.unseen_rates else (0, 0)
         self.calibration = {
+            "unseen_strong_rate": self.unseen_strong_rate, "unseen_weak_rate": self.unseen_weak_rate,
+            "reference_seen_by_model": self.calibration_seen,
+            "strong_rate_tested": self.strong_rate, "weak_rate_tested": self.weak_rate,
             "threshold": self.threshold, "clean_threshold": clean_threshold,
             "confusion_threshold": confusion_threshold, "confusions_simulated": n_conf,
             "calibration_rows": len(cal.X), "base_rows": len(base.X),
             "calibration_flag_rate": float((scores > self.threshold).mean()), "dup_radius": self.dup_radius,
         }
         self.fitted = True
+
+    def _unseen_rates(self, base: ReferenceData, cal: ReferenceData) -> tuple[float, float]:
+        """Shares of correctly labelled calibration rows above the strong and the weak threshold when a model
+        that never saw them answers: a twin surrogate trained on ``base``.
+
+        Why: the thresholds are set on the watched model's answers on the
+        calibration rows, and the benign rates the count tests assume
+        (``benign_flag_rate``, ``honest_error_rate``) are about mislabelled
+        rows. Both hold for feedback only if the model answers new rows as it
+        does those. When the reference is the model's own training data it is
+        right on every calibration row and sure of it, while on new rows it may
+        be wrong often: on ``synthetic`` data (``python -m
+        agent.scenarios.poisoning overlap synthetic``; right on 100 % of its
+        training rows, 88 % of new ones) clean feedback alone raised 17
+        findings over 6,000 records. A twin's answers on rows it did not train
+        on estimate how often new clean rows cross the thresholds (there: 4.9 %
+        above the weak one; live clean feedback, 5.0 %), and the tests add it
+        to the benign rates. Only when the watched model is right on
+        significantly more calibration rows than the twin (``seen_alpha``):
+        with held-out reference rows the watched model's own answers already
+        say how it answers new rows, and a twin trained on fewer rows would
+        only blunt the tests (digits with a held-out reference: random flips
+        caught 0.82 -> 0.18 had the rates been added regardless).
+        """
+        from agent.model import SurrogateMLP, train_classifier
+
+        with torch.enable_grad():
+            twin = train_classifier(base.X, base.y, base.input_shape, self.context.device,
+                                    seed=self.context.seed + 5,
+                                    module=SurrogateMLP(int(np.prod(base.input_shape)), self.n_classes))
+        watched_right = self._scores(cal.X, cal.y)[3] == cal.y
+        self._scoring_model = twin
+        try:
+            scores, _, _, twin_pred = self._scores(cal.X, cal.y)
+        finally:
+            self._scoring_model = None
+        twin_right = twin_pred == cal.y
+        # exact McNemar: of the rows exactly one of the two gets right, would the watched model's share be this
+        # large if both answered rows new to them alike?
+        only_watched, only_twin = int((watched_right & ~twin_right).sum()), int((~watched_right & twin_right).sum())
+        p_seen = float(bdtrc(only_watched - 1, only_watched + only_twin, 0.5)) if only_watched else 1.0
+        self.calibration_seen = {"watched_model_errors": int((~watched_right).sum()),
+                                 "twin_errors": int((~twin_right).sum()), "p": p_seen, "rows": len(cal.y)}
+        if p_seen >= self.opt.seen_alpha:
+            return 0.0, 0.0
+        return float((scores > self.threshold).mean()), float((scores > self.clean_threshold).mean())
+
+    def _model(self):
+        """The model whose answers are scored: the twin while fit measures unseen-row rates, else the watched one."""
+        return self._scoring_model if self._scoring_model is not None else self.context.model
+
+    @property
+    def strong_rate(self) -> float:
+        """Rate of strong flags the count tests expect of benign feedback."""
+        return self.opt.benign_flag_rate + (1 - self.opt.honest_error_rate) * self.unseen_strong_rate
+
+    @property
+    def weak_rate(self) -> float:
+        """Rate of weak flags (implausible labels) the count tests expect of benign feedback."""
+        return self.opt.honest_error_rate + (1 - self.opt.honest_error_rate) * self.unseen_weak_rate
 
     def _confusion_threshold(self, cal: ReferenceData) -> tuple[float, int]:
         """Score below which ``1 - confusion_pass`` of plausible honest confusions fall.
@@ -208,7 +284,7 @@ class PoisoningDetector(Detector):
         votes.scatter_add_(1, self._ref_y[nn_idx], torch.ones_like(nn_idx, dtype=torch.float32))
         votes = votes.cpu().numpy()
         with torch.no_grad():
-            probs = torch.softmax(self.context.model.logits(x), 1).cpu().numpy()
+            probs = torch.softmax(self._model().logits(x), 1).cpu().numpy()
         others = votes + 1e-3 * probs  # break vote ties (and unanimous votes) with the model
         others[np.arange(len(x)), cal.y] = -np.inf
         runner_up = others.argmax(1)
@@ -281,7 +357,7 @@ class PoisoningDetector(Detector):
         x = torch.as_tensor(np.asarray(X, np.float32), device=dev)
         yt = torch.as_tensor(np.asarray(y, np.int64), device=dev).clamp(0, self.n_classes - 1)
         with torch.no_grad():
-            probs = torch.softmax(self.context.model.logits(x), 1)
+            probs = torch.softmax(self._model().logits(x), 1)
             d2 = (x * x).sum(1)[:, None] + self._ref_sq[None, :] - 2 * (x @ self._ref_X.T)
             nn_idx = d2.topk(min(o.k, len(self._ref_X)), dim=1, largest=False).indices
             agree = (self._ref_y[nn_idx] == yt[:, None]).float().mean(1)
@@ -307,6 +383,9 @@ class PoisoningDetector(Detector):
         self.clean_threshold = float(tree["clean_threshold"])
         self.dup_radius = float(tree["dup_radius"])
         self.calibration = dict(tree["calibration"])
+        # artifacts from before the unseen-row rates test against the options' rates alone
+        self.unseen_strong_rate = float(self.calibration.get("unseen_strong_rate", 0.0))
+        self.unseen_weak_rate = float(self.calibration.get("unseen_weak_rate", 0.0))
         self.exceed_pos = np.asarray(tree["exceed_pos"], np.float64)
         self.exceed_neg = np.asarray(tree["exceed_neg"], np.float64)
         if "rank_clean" in tree:
@@ -452,8 +531,8 @@ class PoisoningDetector(Detector):
                 continue
             # strong flags against the benign rate at the strict threshold; all implausible labels
             # (weak flags) against the rate honest labellers make mistakes at
-            p_strong = _binom_tail(st["flagged"], st["n"], o.benign_flag_rate)
-            p_weak = _binom_tail(st["weak"], st["n"], o.honest_error_rate)
+            p_strong = _binom_tail(st["flagged"], st["n"], self.strong_rate)
+            p_weak = _binom_tail(st["weak"], st["n"], self.weak_rate)
             p = min(1.0, 2 * min(p_strong, p_weak))  # Bonferroni over the two tests
             source_tests[src] = {"n": st["n"], "flagged": st["flagged"], "weak": st["weak"], "p": p,
                                  "label_shift_p": self._label_shift_p(st["labels"])}
@@ -464,7 +543,7 @@ class PoisoningDetector(Detector):
         # a compromised source: all its implausible labels (weak flags too); elsewhere only strong flags
         rest = np.flatnonzero(leftover & win["strong"])
         n_rest = win["n"] - sum(win["sources"][s]["n"] for s in significant if s in win["sources"])
-        p_window = _binom_tail(len(rest), max(n_rest, len(rest)), o.benign_flag_rate)
+        p_window = _binom_tail(len(rest), max(n_rest, len(rest)), self.strong_rate)
         if len(rest) >= o.min_records and p_window < o.window_alpha:
             significant[WINDOW_LEVEL] = rest
         excess, excess_test = self._window_excess(win, leftover, n_rest)
@@ -511,8 +590,8 @@ class PoisoningDetector(Detector):
             return np.zeros(0, np.int64), {"p": 1.0}
         cand = np.flatnonzero(leftover & (win["score"] > self.clean_threshold))
         n = max(n_rest, len(cand))
-        p = _binom_tail(len(cand), n, o.honest_error_rate)
-        test = {"p": p, "records": n, "implausible": len(cand), "honest_expected": n * o.honest_error_rate}
+        p = _binom_tail(len(cand), n, self.weak_rate)
+        test = {"p": p, "records": n, "implausible": len(cand), "benign_expected": n * self.weak_rate}
         if len(cand) < o.min_records or p >= o.window_alpha:
             return np.zeros(0, np.int64), test
         rank = self._rank(win["p_label"][cand], win["agree"][cand])
@@ -642,7 +721,7 @@ class PoisoningDetector(Detector):
         evidence: dict[str, Any] = {
             "kind": kind, "window_start": start, "window_s": o.window_s, "suspicious": n,
             "window_records": win["n"], "threshold": self.threshold, "source_threshold": self.clean_threshold,
-            "benign_flag_rate": o.benign_flag_rate,
+            "benign_flag_rate": self.strong_rate,
             "records": [
                 {"id": win["ids"][i], "score": round(float(win["score"][i]), 3),
                  "p_model_label": float(f"{win['p_label'][i]:.3g}"), "knn_agreement": float(win["agree"][i]),

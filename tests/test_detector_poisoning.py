@@ -9,8 +9,8 @@ import torch
 from agent.model import train_classifier
 from agent.records import FeedbackBatch
 from agent.reference import ReferenceData
-from agent.scenarios.data import load
-from agent.scenarios.poisoning import Stream, _merge, _twins_of_honest_mistakes, benign_stream, poison
+from agent.scenarios.data import load, split_for_deployment
+from agent.scenarios.poisoning import Stream, _merge, _twins_of_honest_mistakes, benign_stream, poison, team_model
 from agent.state import load_tree, save_tree
 from detectors.base import DetectorContext
 from detectors.poisoning import PoisoningDetector
@@ -131,7 +131,7 @@ def test_thin_flips_on_two_classes_named_by_window_excess(tabular) -> None:
     excess = [f for f in findings if f.actor is None and "window_excess" in f.evidence]
     assert excess
     test = excess[0].evidence["window_excess"]
-    assert test["p"] < 1e-3 and test["implausible"] > test["honest_expected"]
+    assert test["p"] < 1e-3 and test["implausible"] > test["benign_expected"]
     assert test["benign_expected"] <= 0.1 * test["named"]
 
 
@@ -224,3 +224,35 @@ def test_evaluate_quick_meets_goals() -> None:
         if v["poisoned_twin_of_honest_mistake_share"] == 0.0:
             assert v["recall_without_honest_twins"] == pytest.approx(v["recall"]), v
     assert report["precision"] >= 0.9
+
+
+def test_reference_the_model_trained_on_does_not_make_clean_feedback_suspect() -> None:
+    """The model is right on all of its training rows, which are the reference, but on only ~88 % of new rows:
+    thresholds and benign rates read off its training rows flagged clean feedback (17 findings in the scenario
+    command). The twin's answers on rows it never saw put the benign rates where new feedback has them; a
+    source flipping labels is still caught."""
+    ds = load("synthetic")
+    model = team_model(ds, CPU)
+    s = stream(ds, None, seed=99, n=6000)
+    assert feed(make(ds, model), s) == [] != feed(make(ds, model, unseen_rates=False), s)
+    det = make(ds, model)
+    seen = det.calibration["reference_seen_by_model"]
+    assert seen["watched_model_errors"] == 0 and seen["p"] < 0.01 and det.weak_rate > 0.06
+    s = _merge(benign_stream(ds, 6000, 40, np.random.default_rng(3)),
+               poison(ds, "source_flip", 180, np.random.default_rng(4), 40))
+    got, truth = named(feed(det, s)), poisoned_ids(s)
+    assert len(got & truth) / len(truth) >= 0.9 and len(got & truth) / len(got) >= 0.9
+
+
+def test_held_out_reference_keeps_the_options_rates(digits) -> None:
+    """With reference rows the model never trained on, its own answers already say how it answers new rows:
+    the twin is not better than it there, so nothing is added (a twin trained on fewer rows would only blunt
+    the tests)."""
+    ds, _ = digits
+    X_model, y_model, X_ref, y_ref = split_for_deployment(ds, 0)
+    model = train_classifier(X_model, y_model, ds.input_shape, CPU, epochs=40)
+    det = PoisoningDetector(PoisoningDetector.Options(), DetectorContext(device=CPU, input_shape=ds.input_shape,
+                                                                         n_classes=ds.n_classes, model=model))
+    det.fit(ReferenceData(X_ref, y_ref, ds.input_shape))
+    assert det.calibration["reference_seen_by_model"]["p"] >= 0.01
+    assert det.strong_rate == det.opt.benign_flag_rate and det.weak_rate == det.opt.honest_error_rate

@@ -34,7 +34,7 @@ import torch
 from agent.model import WatchedModel, train_classifier
 from agent.scenarios.art_attacks import _Logits
 from agent.scenarios.data import Dataset, load
-from agent.scenarios.poisoning import Stream, _merge, benign_stream, measure
+from agent.scenarios.poisoning import Stream, _merge, benign_stream, measure, team_model
 
 N_BENIGN = 6000
 TARGET = 0
@@ -123,7 +123,7 @@ def run_campaign(ds: Dataset, model: WatchedModel, name: str, seed: int) -> dict
 
 def evaluate(seed: int) -> list[dict[str, Any]]:
     ds = load("digits")
-    model = train_classifier(ds.X_train, ds.y_train, ds.input_shape, torch.device("cpu"), epochs=40, seed=seed)
+    model = team_model(ds, torch.device("cpu"), seed=seed)
     return [run_campaign(ds, model, name, 1000 * seed + 500 + j) for j, name in enumerate(CAMPAIGNS)]
 
 

@@ -31,7 +31,8 @@ reported.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,7 +40,7 @@ import torch
 from agent.model import WatchedModel, train_classifier
 from agent.records import FeedbackBatch
 from agent.reference import ReferenceData
-from agent.scenarios.data import Dataset, load
+from agent.scenarios.data import Dataset, load, split_for_deployment
 from detectors.base import DetectorContext
 from detectors.poisoning import PoisoningDetector
 
@@ -166,7 +167,7 @@ def _twins_of_honest_mistakes(stream: Stream) -> np.ndarray:
 
 
 def run_variant(ds: Dataset, model: WatchedModel, variant: str, n_benign: int, device: torch.device,
-                seed: int) -> dict:
+                seed: int, options: dict | None = None) -> dict:
     rng = np.random.default_rng(seed)
     n_sources = 40
     benign = benign_stream(ds, n_benign, n_sources, rng)
@@ -174,13 +175,14 @@ def run_variant(ds: Dataset, model: WatchedModel, variant: str, n_benign: int, d
     n_poison = round(share * n_benign / (1 - share))
     stream = _merge(benign, poison(ds, variant, n_poison, rng, n_sources))
     return {"variant": variant, "held_out": variant not in DEVELOPMENT_VARIANTS, "poison_share": share,
-            **measure(ds, model, stream, device, seed)}
+            **measure(ds, model, stream, device, seed, options)}
 
 
-def measure(ds: Dataset, model: WatchedModel, stream: Stream, device: torch.device, seed: int) -> dict:
+def measure(ds: Dataset, model: WatchedModel, stream: Stream, device: torch.device, seed: int,
+            options: dict | None = None) -> dict:
     """Run the poisoning detector, fitted on the training rows, over a feedback stream; record-level figures."""
     ids = [f"fb-{i}" for i in range(len(stream.X))]
-    findings, run_s = _replay(ds, model, stream, ids, device, seed)
+    findings, run_s = _replay(ds, model, stream, ids, device, seed, options)
     named = {rid for f in findings for rid in f.related_ids}
     index = {rid: i for i, rid in enumerate(ids)}
     sel = np.zeros(len(ids), bool)
@@ -204,11 +206,11 @@ def measure(ds: Dataset, model: WatchedModel, stream: Stream, device: torch.devi
 
 
 def _replay(ds: Dataset, model: WatchedModel, stream: Stream, ids: list[str], device: torch.device,
-            seed: int) -> tuple[list, float]:
+            seed: int, options: dict | None = None) -> tuple[list, float]:
     """A poisoning detector fitted on the training rows, fed the stream in batches of 256, then flushed:
     (findings, seconds the detector took over the stream, fitting left out)."""
     ctx = DetectorContext(device=device, input_shape=ds.input_shape, n_classes=ds.n_classes, model=model, seed=seed)
-    det = PoisoningDetector(PoisoningDetector.Options(), ctx)
+    det = PoisoningDetector(PoisoningDetector.Options(**(options or {})), ctx)
     det.fit(ReferenceData(ds.X_train, ds.y_train, ds.input_shape))
     findings = []
     t0 = time.perf_counter()
@@ -222,13 +224,23 @@ def _replay(ds: Dataset, model: WatchedModel, stream: Stream, ids: list[str], de
     return findings, time.perf_counter() - t0
 
 
-def run_benign_only(ds: Dataset, model: WatchedModel, n_benign: int, device: torch.device, seed: int) -> dict:
+def run_benign_only(ds: Dataset, model: WatchedModel, n_benign: int, device: torch.device, seed: int,
+                    options: dict | None = None) -> dict:
     """Clean feedback with honest noise only: how many findings (all false alarms) it raises."""
     rng = np.random.default_rng(seed)
     stream = benign_stream(ds, n_benign, 40, rng)
-    findings, _ = _replay(ds, model, stream, [f"fb-{i}" for i in range(len(stream.X))], device, seed)
+    findings, _ = _replay(ds, model, stream, [f"fb-{i}" for i in range(len(stream.X))], device, seed, options)
     return {"dataset": ds.name, "records": len(stream.X), "honest_mistakes": int(stream.honest_mistake.sum()),
             "findings": len(findings), "records_named": len({r for f in findings for r in f.related_ids})}
+
+
+def team_model(ds: Dataset, device: torch.device, epochs: int = 40, seed: int = 0) -> WatchedModel:
+    """The team's own model, trained on the training rows and given with ``train --model``; the reference the
+    detector gets is those same rows (what a team often has at hand), so its thresholds are calibrated against
+    the watched model's answers on rows it trained on (``calibrate_against`` ``auto`` -> ``model``)."""
+    model = train_classifier(ds.X_train, ds.y_train, ds.input_shape, device, epochs=epochs, seed=seed)
+    model.is_surrogate = False
+    return model
 
 
 def evaluate(device: torch.device, quick: bool = False) -> dict:
@@ -237,7 +249,7 @@ def evaluate(device: torch.device, quick: bool = False) -> dict:
     variants, benign = [], []
     for name in ("digits", "tabular"):
         ds = load(name)
-        model = train_classifier(ds.X_train, ds.y_train, ds.input_shape, device, epochs=20 if quick else 40)
+        model = team_model(ds, device, epochs=20 if quick else 40)
         for j, variant in enumerate(VARIANTS):
             variants.append(run_variant(ds, model, variant, n_benign, device, seed=100 + j))
         benign.append(run_benign_only(ds, model, n_benign, device, seed=99))
@@ -276,14 +288,50 @@ def _detector_aware_note(variants: list[dict]) -> dict:
     }
 
 
-if __name__ == "__main__":  # python -m agent.scenarios.poisoning 0,1,2,3: the eval's campaigns on other seeds
+def reference_overlap(name: str, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Clean feedback and the campaigns under three deployments of one data set: the eval's (the model trained
+    on the reference rows), the same without the rates measured on unseen rows (``unseen_rates: false``, as
+    before they existed), and held-out reference rows (the model trained on one part of the training rows, the
+    detector given the other, as in the evasion eval).
+
+    Why: a model is surer on its own training rows than on new feedback; where it is right on far fewer new
+    rows (``synthetic``: all of its training rows, 88 % of new ones), thresholds set on its training rows flag
+    clean feedback.
+    """
+    cpu = torch.device("cpu")
+    ds = load(name)
+    X_model, y_model, X_ref, y_ref = split_for_deployment(ds, seed)
+    held_out = train_classifier(X_model, y_model, ds.input_shape, cpu, epochs=40, seed=seed)
+    held_out.is_surrogate = False
+    deployments = {"model trained on the reference": (ds, team_model(ds, cpu, seed=seed), None),
+                   "... without unseen-row rates": (ds, team_model(ds, cpu, seed=seed), {"unseen_rates": False}),
+                   "held-out reference": (replace(ds, X_train=X_ref, y_train=y_ref), held_out, None)}
+    out: dict[str, dict[str, Any]] = {}
+    for label, (d, model, options) in deployments.items():
+        benign = run_benign_only(d, model, 6000, cpu, seed=1000 * seed + 99, options=options)
+        rows = [run_variant(d, model, v, 6000, cpu, seed=1000 * seed + 100 + j, options=options)
+                for j, v in enumerate(VARIANTS)]
+        out[label] = {"benign_only_findings": benign["findings"], "benign_only_records_named": benign["records_named"],
+                      **{r["variant"]: (r["precision"], r["recall"]) for r in rows}}
+    return out
+
+
+if __name__ == "__main__":
+    # python -m agent.scenarios.poisoning 0,1,2,3: the eval's campaigns on other seeds
+    # python -m agent.scenarios.poisoning overlap synthetic,digits,tabular: see reference_overlap
     import sys
 
+    if sys.argv[1] == "overlap":
+        for name in sys.argv[2].split(","):
+            for label, r in reference_overlap(name).items():
+                pr = ", ".join(f"{k} {v[0]:.3f}/{v[1]:.3f}" for k, v in r.items() if isinstance(v, tuple))
+                print(f"{name}, {label}: clean feedback: {r['benign_only_findings']} findings naming "
+                      f"{r['benign_only_records_named']} records; P/R {pr}", flush=True)
+        sys.exit(0)
     for name in ("digits", "tabular"):
         ds = load(name)
         for seed in [int(x) for x in sys.argv[1].split(",")]:
-            model = train_classifier(ds.X_train, ds.y_train, ds.input_shape, torch.device("cpu"), epochs=40,
-                                     seed=seed)
+            model = team_model(ds, torch.device("cpu"), seed=seed)
             rows = [run_variant(ds, model, v, 6000, torch.device("cpu"), seed=1000 * seed + 100 + j)
                     for j, v in enumerate(VARIANTS)]
             benign = run_benign_only(ds, model, 6000, torch.device("cpu"), seed=1000 * seed + 99)
