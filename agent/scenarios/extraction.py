@@ -248,6 +248,40 @@ def step_variants(ds: Dataset, oracle: Oracle, budget: int, seed: int,
     return out
 
 
+def benign_personas(ds: Dataset, oracle: Oracle, budget: int, seed: int) -> list[Attack]:
+    """Benign clients that are not random draws of the test rows, each one client among the benign traffic
+    (expected pattern ``none``: any finding is a false alarm, or a probe-like habit named in the README).
+
+    - ``one class``: a client that only ever sees one kind of input (the test set's most common class);
+    - ``one class, distinct``: every test row of that class, once, shuffled;
+    - ``sorted by class``: a batch job scoring the test set sorted by class;
+    - ``batch scan``: the test set in order, again and again; ``retries``: each query sent twice;
+    - ``heavy``: 5,000 random test rows;
+    - probe-like: ``hard cases`` (the tenth of the test rows the model is least sure about, a review queue),
+      ``noisy`` (inputs with visible noise, a tenth of the input range), ``few, jittered`` (20 rows resent
+      with small noise, as a membership-inference probe would).
+    """
+    rng = np.random.default_rng(seed)
+    X, y = ds.X_test, ds.y_test
+    top2 = np.sort(oracle(X), 1)[:, -2:]
+    hard = X[np.argsort(top2[:, 1] - top2[:, 0])[: max(len(X) // 10, 20)]]
+    one = X[y == np.bincount(y).argmax()]
+    noise = 0.1 * (ds.hi - ds.lo) / (1.0 if ds.name == "digits" else 4.0)  # a tenth of the range (tabular ~4 std)
+    few = np.repeat(X[rng.integers(0, len(X), 20)], budget // 20, axis=0)
+    return [
+        Attack("one class", one[rng.integers(0, len(one), budget)], 3000, "none"),
+        Attack("one class, distinct", one[rng.permutation(len(one))], 3000, "none"),
+        Attack("sorted by class", X[np.argsort(y, kind="stable")], 600, "none"),
+        Attack("batch scan", np.concatenate([X] * (budget // len(X) + 1))[:budget], 600, "none"),
+        Attack("retries", np.repeat(X[rng.integers(0, len(X), budget // 2)], 2, axis=0), 3000, "none"),
+        Attack("heavy", X[rng.integers(0, len(X), 5000)], 3600, "none"),
+        Attack("hard cases", hard[rng.integers(0, len(hard), budget)], 3000, "none"),
+        Attack("noisy", _clip(ds, X[rng.integers(0, len(X), budget)] + rng.normal(0, noise, (budget, ds.dim))),
+               3000, "none"),
+        Attack("few, jittered", _clip(ds, few + rng.normal(0, noise / 5, few.shape)), 3000, "none"),
+    ]
+
+
 def run_dataset(name: str, device: torch.device, quick: bool, seed: int = 0,
                 make_attacks: Callable[[Dataset, Oracle, int, int], list[Attack]] | None = None) -> dict:
     """Benign traffic + every attack variant on one data set, through the detector in time order."""
@@ -352,7 +386,18 @@ if __name__ == "__main__":
     # python -m agent.scenarios.extraction 0,1 steps: the step-size-driven attackers at 0.25-4x their steps
     import sys
 
-    steps = len(sys.argv) > 2 and sys.argv[2] == "steps"
+    # python -m agent.scenarios.extraction 0,1 personas: benign client types (benign_personas), which are flagged
+    mode = sys.argv[2] if len(sys.argv) > 2 else ""
+    if mode == "personas":
+        for name in ("digits", "tabular", "synthetic"):
+            for seed in [int(x) for x in sys.argv[1].split(",")]:
+                r = run_dataset(name, torch.device("cpu"), False, seed=seed, make_attacks=benign_personas)
+                flagged = {v["variant"]: f"{v['queries_to_detect']} ({', '.join(v['reasons'])})"
+                           for v in r["variants"] if v["queries_to_detect"] is not None}
+                print(f"{name} seed {seed}: tenants flagged {len(r['flagged_benign'])}; personas flagged: "
+                      f"{flagged or 'none'}", flush=True)
+        sys.exit(0)
+    steps = mode == "steps"
     for name in ("digits", "tabular"):
         for seed in [int(x) for x in sys.argv[1].split(",")]:
             r = run_dataset(name, torch.device("cpu"), False, seed=seed, make_attacks=step_variants if steps else None)
