@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import numpy as np
@@ -325,7 +325,8 @@ class ExtractionDetector(Detector):
                         "(median %.3f) puts the %g quantile at %.3f, below any W; the other tests still run",
                         float(np.median(w_full)), o.prada_fpr, self.delta)
 
-    def _simulate_clients(self, X: torch.Tensor, draw) -> tuple[list[float], list[float], list[float], int, int]:
+    def _simulate_clients(self, X: torch.Tensor, draw: Callable[[int], torch.Tensor]
+                          ) -> tuple[list[float], list[float], list[float], int, int]:
         """Benign clients simulated as sequences of reference rows (``draw(s)`` gives [s, history + window]
         row indices), through the same ring-buffer distances as at run time.
 

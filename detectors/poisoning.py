@@ -16,6 +16,13 @@ Two thresholds, both from reference data, never from attacks:
   neighbour vote, weighted by how ambiguous the vote is), so that honest
   labelling noise, which every feedback stream has, is mostly not flagged.
 
+Both are read off the watched model's answers on reference rows. When those
+look like its own training rows (it is right on significantly more of them
+than a twin surrogate trained on the other reference rows), the share of
+correct labels a model that never saw them flags is added to the benign
+rates of the count tests below (``unseen_rates``): new feedback is not
+answered as surely as training rows.
+
 One flagged record proves little, so findings come from aggregation in
 event-time windows (``window_s``):
 
@@ -193,7 +200,7 @@ class PoisoningDetector(Detector):
         floor = 1.0 / len(shift)
         self.exceed_pos = np.maximum((shift > o.trigger_min_shift).mean(0), floor)
         self.exceed_neg = np.maximum((shift < -o.trigger_min_shift).mean(0), floor)
-        self.unseen_strong_rate, self.unseen_weak_rate = self._unseen_rates(base, cal) if o.unseen_rates else (0, 0)
+        self.unseen_strong_rate, self.unseen_weak_rate = self._unseen_rates(base, cal) if o.unseen_rates else (0.0, 0.0)
         self.calibration = {
             "unseen_strong_rate": self.unseen_strong_rate, "unseen_weak_rate": self.unseen_weak_rate,
             "reference_seen_by_model": self.calibration_seen,
