@@ -164,7 +164,6 @@ class PoisoningDetector(Detector):
         self.opt: PoisoningDetector.Options = options  # type: ignore[assignment]
         self.fitted = False
         self._scoring_model = None  # a twin surrogate while fit measures the unseen-row rates
-        self.calibration_seen: dict[str, Any] = {}  # the McNemar test of _unseen_rates (fit)
         self.unseen_strong_rate = 0.0  # clean rows' own strong / weak flag rates on rows a model never saw (fit)
         self.unseen_weak_rate = 0.0
         self.rank_clean: np.ndarray | None = None
@@ -188,7 +187,7 @@ class PoisoningDetector(Detector):
         nn = d.min(1).values.cpu().numpy()
         nn = nn[np.isfinite(nn) & (nn > 0)]
         self.dup_radius = float(np.quantile(nn, o.dup_quantile)) if len(nn) else 0.0
-        scores, p_cal, agree_cal, _ = self._scores(cal.X, cal.y)
+        scores, p_cal, agree_cal, pred_cal = self._scores(cal.X, cal.y)
         clean_threshold = _tail_quantile(scores, o.record_fpr)
         confusion_threshold, n_conf = self._confusion_threshold(cal)
         # benign null of the ranking used to name records of a poisoned window: correct labels
@@ -200,10 +199,11 @@ class PoisoningDetector(Detector):
         floor = 1.0 / len(shift)
         self.exceed_pos = np.maximum((shift > o.trigger_min_shift).mean(0), floor)
         self.exceed_neg = np.maximum((shift < -o.trigger_min_shift).mean(0), floor)
-        self.unseen_strong_rate, self.unseen_weak_rate = self._unseen_rates(base, cal) if o.unseen_rates else (0.0, 0.0)
+        rates = self._unseen_rates(base, cal, pred_cal == cal.y) if o.unseen_rates else (0.0, 0.0, {})
+        self.unseen_strong_rate, self.unseen_weak_rate, seen = rates
         self.calibration = {
             "unseen_strong_rate": self.unseen_strong_rate, "unseen_weak_rate": self.unseen_weak_rate,
-            "reference_seen_by_model": self.calibration_seen,
+            "reference_seen_by_model": seen,
             "strong_rate_tested": self.strong_rate, "weak_rate_tested": self.weak_rate,
             "threshold": self.threshold, "clean_threshold": clean_threshold,
             "confusion_threshold": confusion_threshold, "confusions_simulated": n_conf,
@@ -212,9 +212,11 @@ class PoisoningDetector(Detector):
         }
         self.fitted = True
 
-    def _unseen_rates(self, base: ReferenceData, cal: ReferenceData) -> tuple[float, float]:
+    def _unseen_rates(self, base: ReferenceData, cal: ReferenceData, watched_right: np.ndarray
+                      ) -> tuple[float, float, dict[str, Any]]:
         """Shares of correctly labelled calibration rows above the strong and the weak threshold when a model
-        that never saw them answers: a twin surrogate trained on ``base``.
+        that never saw them answers (a twin surrogate trained on ``base``), and the test of whether they count;
+        ``watched_right``: per calibration row, whether the watched model answers its label.
 
         Why: the thresholds are set on the watched model's answers on the
         calibration rows, and the benign rates the count tests assume
@@ -241,7 +243,6 @@ class PoisoningDetector(Detector):
             twin = train_classifier(base.X, base.y, base.input_shape, self.context.device,
                                     seed=self.context.seed + 5,
                                     module=SurrogateMLP(int(np.prod(base.input_shape)), self.n_classes))
-        watched_right = self._scores(cal.X, cal.y)[3] == cal.y
         self._scoring_model = twin
         try:
             scores, _, _, twin_pred = self._scores(cal.X, cal.y)
@@ -252,11 +253,11 @@ class PoisoningDetector(Detector):
         # large if both answered rows new to them alike?
         only_watched, only_twin = int((watched_right & ~twin_right).sum()), int((~watched_right & twin_right).sum())
         p_seen = float(bdtrc(only_watched - 1, only_watched + only_twin, 0.5)) if only_watched else 1.0
-        self.calibration_seen = {"watched_model_errors": int((~watched_right).sum()),
-                                 "twin_errors": int((~twin_right).sum()), "p": p_seen, "rows": len(cal.y)}
+        seen = {"watched_model_errors": int((~watched_right).sum()), "twin_errors": int((~twin_right).sum()),
+                "p": p_seen, "rows": len(cal.y)}
         if p_seen >= self.opt.seen_alpha:
-            return 0.0, 0.0
-        return float((scores > self.threshold).mean()), float((scores > self.clean_threshold).mean())
+            return 0.0, 0.0, seen
+        return float((scores > self.threshold).mean()), float((scores > self.clean_threshold).mean()), seen
 
     def _model(self):
         """The model whose answers are scored: the twin while fit measures unseen-row rates, else the watched one."""

@@ -42,6 +42,17 @@ def _split(X: np.ndarray, y: np.ndarray, test_frac: float, seed: int) -> tuple[n
     return X[idx[:cut]], y[idx[:cut]], X[idx[cut:]], y[idx[cut:]]
 
 
+def _standardised(name: str, X: np.ndarray, y: np.ndarray, n_classes: int, seed: int, sd_floor: float = 0.0
+                  ) -> Dataset:
+    """A table split as the others are, standardised with the training part's mean and std (plus ``sd_floor``,
+    which a constant column would need); its valid range is the training part's."""
+    Xtr, ytr, Xte, yte = _split(X.astype(np.float64), y.astype(np.int64), 0.3, seed)
+    mu, sd = Xtr.mean(0), Xtr.std(0) + sd_floor
+    z = lambda a: ((a - mu) / sd).astype(np.float32)  # noqa: E731
+    return Dataset(name, (X.shape[1],), n_classes, z(Xtr), ytr, z(Xte), yte, float(z(Xtr).min()),
+                   float(z(Xtr).max()))
+
+
 def load(name: str, seed: int = 0) -> Dataset:
     from sklearn import datasets
 
@@ -52,18 +63,11 @@ def load(name: str, seed: int = 0) -> Dataset:
         return Dataset("digits", (8, 8), 10, Xtr, ytr, Xte, yte, 0.0, 1.0)
     if name == "tabular":
         b = datasets.load_breast_cancer()
-        Xtr, ytr, Xte, yte = _split(b.data.astype(np.float64), b.target.astype(np.int64), 0.3, seed)
-        mu, sd = Xtr.mean(0), Xtr.std(0) + 1e-9
-        z = lambda a: ((a - mu) / sd).astype(np.float32)  # noqa: E731
-        lo, hi = float(z(Xtr).min()), float(z(Xtr).max())
-        return Dataset("tabular", (30,), 2, z(Xtr), ytr, z(Xte), yte, lo, hi)
+        return _standardised("tabular", b.data, b.target, 2, seed, sd_floor=1e-9)
     if name == "synthetic":
         X, y = datasets.make_classification(n_samples=3000, n_features=64, n_informative=24, n_redundant=16,
                                             n_classes=5, n_clusters_per_class=2, class_sep=1.5, random_state=7)
-        Xtr, ytr, Xte, yte = _split(X, y.astype(np.int64), 0.3, seed)
-        mu, sd = Xtr.mean(0), Xtr.std(0)
-        z = lambda a: ((a - mu) / sd).astype(np.float32)  # noqa: E731
-        return Dataset("synthetic", (64,), 5, z(Xtr), ytr, z(Xte), yte, float(z(Xtr).min()), float(z(Xtr).max()))
+        return _standardised("synthetic", X, y, 5, seed)
     raise ValueError(f"unknown data set {name!r}; expected 'digits', 'tabular' or 'synthetic'")
 
 

@@ -235,9 +235,9 @@ def run_benign_only(ds: Dataset, model: WatchedModel, n_benign: int, device: tor
 
 
 def team_model(ds: Dataset, device: torch.device, epochs: int = 40, seed: int = 0) -> WatchedModel:
-    """The team's own model, trained on the training rows and given with ``train --model``; the reference the
-    detector gets is those same rows (what a team often has at hand), so its thresholds are calibrated against
-    the watched model's answers on rows it trained on (``calibrate_against`` ``auto`` -> ``model``)."""
+    """The team's own model, trained on the training rows and given with ``train --model`` (not a surrogate);
+    the reference the detector gets is those same rows (what a team often has at hand), so its thresholds are
+    read off the model's answers on rows it trained on (the detector's ``unseen_rates`` test notices)."""
     model = train_classifier(ds.X_train, ds.y_train, ds.input_shape, device, epochs=epochs, seed=seed)
     model.is_surrogate = False
     return model
@@ -303,8 +303,9 @@ def reference_overlap(name: str, seed: int = 0) -> dict[str, dict[str, Any]]:
     X_model, y_model, X_ref, y_ref = split_for_deployment(ds, seed)
     held_out = train_classifier(X_model, y_model, ds.input_shape, cpu, epochs=40, seed=seed)
     held_out.is_surrogate = False
-    deployments = {"model trained on the reference": (ds, team_model(ds, cpu, seed=seed), None),
-                   "... without unseen-row rates": (ds, team_model(ds, cpu, seed=seed), {"unseen_rates": False}),
+    team = team_model(ds, cpu, seed=seed)
+    deployments = {"model trained on the reference": (ds, team, None),
+                   "... without unseen-row rates": (ds, team, {"unseen_rates": False}),
                    "held-out reference": (replace(ds, X_train=X_ref, y_train=y_ref), held_out, None)}
     out: dict[str, dict[str, Any]] = {}
     for label, (d, model, options) in deployments.items():
