@@ -228,9 +228,9 @@ class PoisoningDetector(Detector):
         agent.scenarios.poisoning overlap synthetic``; right on 100 % of its
         training rows, 88 % of new ones) clean feedback alone raised 17
         findings over 6,000 records. A twin's answers on rows it did not train
-        on estimate how often new clean rows cross the thresholds (there: 4.9 %
-        above the weak one; live clean feedback, 5.0 %), and the tests add it
-        to the benign rates. Only when the watched model is right on
+        on estimate how often new clean rows cross the thresholds (there, with
+        detector seed 0: 4.9 % above the weak one; clean feedback, 5.0 %), and
+        the tests add it to the benign rates. Only when the watched model is right on
         significantly more calibration rows than the twin (``seen_alpha``):
         with held-out reference rows the watched model's own answers already
         say how it answers new rows, and a twin trained on fewer rows would
