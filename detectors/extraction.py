@@ -24,7 +24,8 @@ per-query observations. From them, at every ``check_every`` queries:
   answered near a decision boundary (top-1 minus top-2 probability below
   ``margin``), lies off the reference data (farther from every k-means
   centroid, in the reference's whitened space, than ``1 - off_reference_rate``
-  of held-out reference rows), changes only a few features of the client's
+  of held-out reference rows of the class it is answered as: a rare class's
+  natural rows lie farther out), changes only a few features of the client's
   previous query (coordinate-wise black-box search at any step size), or is
   out of distribution per ``notes["ood_p"]`` when ``drift_vae`` ran; plus
   Fisher's combination of them. Each is tested against the larger of its
@@ -227,8 +228,9 @@ class ExtractionDetector(Detector):
                                             "distance; the rest share their mean variance (bounds the cost "
                                             "per query for wide inputs)")
         off_reference_rate: float = Field(0.05, gt=0, lt=0.5,
-                                          description="share of held-out reference rows allowed beyond the "
-                                                      "off-reference radius (the benign rate tested against)")
+                                          description="share of held-out reference rows of a class allowed "
+                                                      "beyond its off-reference radius (the benign rate tested "
+                                                      "against)")
         central_rate: float = Field(0.1, gt=0, lt=0.5,
                                     description="share of held-out reference rows of a class allowed closer to "
                                                 "the class centre than the too-central radius (the benign rate "
@@ -259,7 +261,10 @@ class ExtractionDetector(Detector):
         self.min_spread: float = 0.0
         self.centroids: torch.Tensor | None = None
         self.centroid_sq: torch.Tensor | None = None
-        self.off_reference_radius: float = float("inf")
+        self.off_reference_radius: float = float("inf")  # every held-out row's (queries without an answer)
+        self.off_radius: np.ndarray = np.full(1, np.inf)  # [k + 1]: per answered class; the last entry is the above
+        self.off_group: np.ndarray = np.zeros(1, np.int64)  # [k + 1]: row of off_beta the radius was set on
+        self.off_beta: np.ndarray = np.ones((1, 2))  # [radii, 2]: Beta law of a natural query's rate beyond it
         self.cover_whitening: Whitening | None = None  # the space the centroids live in (None: input space)
         self._cover_t: tuple[torch.Tensor, ...] | None = None
         self.central_map: torch.Tensor | None = None  # [d, r]: whitening map of the class-centre distance
@@ -442,7 +447,45 @@ class ExtractionDetector(Detector):
         centroids = km.cluster_centers_.astype(np.float32)
         z = whitening.apply_np(cal_part.X)
         d = np.sqrt(((z[:, None, :] - centroids[None]) ** 2).sum(-1).min(1))
-        self._set_centroids(centroids, float(np.quantile(d, 1 - o.off_reference_rate)), whitening)
+        radius = float(np.quantile(d, 1 - o.off_reference_rate))
+        k = None if reference.y is None else int(reference.y.max()) + 1
+        self._set_centroids(centroids, radius, whitening, *self._off_reference_radii(d, cal_part.y, k, radius))
+
+    def _off_reference_radii(self, d: np.ndarray, y: np.ndarray | None, k: int | None, radius: float
+                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per class, the radius beyond which ``off_reference_rate`` of its own held-out rows lie.
+
+        Classes do not sit equally inside the cover: a rare class has few
+        centroids of its own, so its natural rows lie farther from all of
+        them (a 5 % class of a fraud-like table: 29 % beyond the radius set
+        on every row; breast cancer's malignant class: 13 %). Measured
+        against one radius, a client that only asks about that class (an
+        analyst reviewing the cases the model flagged) looks off the data.
+        Each radius is the j-th largest of the class's m held-out distances,
+        j = floor(rate (m + 1)), so a natural query of the class lies beyond
+        it with a Beta(j, m + 1 - j) distributed probability, which the test
+        uses as the too-central test does. A class with too few rows for
+        j >= 1, and a query without an answer, use the radius of all rows.
+        Returns (radius per class + all rows', its row in the Beta table, the table).
+        """
+        rate = self.opt.off_reference_rate
+        j = max(1, math.floor(rate * (len(d) + 1)))
+        beta = [(float(j), float(len(d) + 1 - j))]
+        n_labels = 0 if y is None or k is None else k
+        by_label, group = np.full(n_labels + 1, radius), np.zeros(n_labels + 1, np.int64)
+        for c in range(n_labels):
+            own = d[y == c]
+            if math.floor(rate * (len(own) + 1)) >= 1:
+                a, b, neg = self._order_beta(-own, rate)  # the j-th smallest of -d: the j-th largest of d
+                group[c], by_label[c] = len(beta), -neg
+                beta.append((a, b))
+        return by_label, group, np.asarray(beta, np.float64)
+
+    def _off_radius_for(self, labels: np.ndarray) -> np.ndarray:
+        """The off-reference radius of each query: its answered class's, else (no answer) every row's."""
+        lab = np.asarray(labels, np.int64)
+        n_labels = len(self.off_radius) - 1
+        return self.off_radius[np.where((lab >= 0) & (lab < n_labels), lab, n_labels)]
 
     def _fit_class_centres(self, reference: ReferenceData) -> None:
         """Whitened distance of a query to its predicted class's centre; per class, the too-central radius.
@@ -522,10 +565,17 @@ class ExtractionDetector(Detector):
         self.central_group = np.asarray(group, np.int64)
         self.central_beta = np.asarray(beta, np.float64)
 
-    def _set_centroids(self, centroids: np.ndarray, radius: float, whitening: Whitening | None) -> None:
+    def _set_centroids(self, centroids: np.ndarray, radius: float, whitening: Whitening | None,
+                       by_label: np.ndarray | None = None, group: np.ndarray | None = None,
+                       beta: np.ndarray | None = None) -> None:
         self.centroids = torch.as_tensor(centroids, dtype=torch.float32, device=self.context.device)
         self.centroid_sq = (self.centroids * self.centroids).sum(1)
         self.off_reference_radius = radius
+        if by_label is None or group is None or beta is None:  # artifacts trained before per-class radii
+            by_label, group, beta = np.full(1, radius), np.full(1, -1), np.zeros((0, 2))  # -1: binomial test only
+        self.off_radius = np.asarray(by_label, np.float64)
+        self.off_group = np.asarray(group, np.int64)
+        self.off_beta = np.asarray(beta, np.float64)
         self.cover_whitening = whitening
         self._cover_t = None if whitening is None else whitening.tensors(self.context.device)
 
@@ -533,7 +583,8 @@ class ExtractionDetector(Detector):
         if self.delta is None:
             return {}
         out = {"calibration": dict(self.calibration), "benign_dup_rate": self.benign_dup_rate,
-               "centroids": self.centroids.cpu().numpy(), "off_reference_radius": self.off_reference_radius}
+               "centroids": self.centroids.cpu().numpy(), "off_reference_radius": self.off_reference_radius,
+               "off_radius": self.off_radius, "off_group": self.off_group, "off_beta": self.off_beta}
         if self.cover_whitening is not None:
             out["cover_whitening"] = self.cover_whitening.to_tree()
         if self.central_map is not None:
@@ -553,7 +604,8 @@ class ExtractionDetector(Detector):
         self.min_spread = float(cal["min_spread"])
         # artifacts trained before the whitened cover lack it: their centroids are in input space
         whitening = Whitening.from_tree(tree["cover_whitening"]) if "cover_whitening" in tree else None
-        self._set_centroids(np.asarray(tree["centroids"], np.float32), float(tree["off_reference_radius"]), whitening)
+        self._set_centroids(np.asarray(tree["centroids"], np.float32), float(tree["off_reference_radius"]), whitening,
+                            tree.get("off_radius"), tree.get("off_group"), tree.get("off_beta"))
         if "central_map" in tree:  # artifacts trained before the too-central test lack it: the test stays off
             self._set_class_centres(tree["central_map"], tree["central_means"], tree["central_radius"],
                                     tree["central_group"], tree["central_beta"])
@@ -691,7 +743,7 @@ class ExtractionDetector(Detector):
                 z = Whitening.apply(x, *self._cover_t)
                 z_sq = (z * z).sum(1)
             d2c = (z_sq[:, None] + self.centroid_sq[None, :]).sub_(z @ c.T, alpha=2)
-            off = torch.sqrt(d2c.min(1).values.clamp_min_(0)).cpu().numpy() > self.off_reference_radius
+            off = torch.sqrt(d2c.min(1).values.clamp_min_(0)).cpu().numpy() > self._off_radius_for(batch.labels)
             flags[off] |= _OFF_REFERENCE
         if self.central_map is not None:
             flags[self._too_central(x, batch.labels)] |= _CENTRAL
@@ -1028,9 +1080,9 @@ class ExtractionDetector(Detector):
             # the same input), so that signal needs a larger share than the others
             large = (share >= (o.near_dup_min_share if name == "near_duplicates" else o.min_share)
                      and share >= 2 * base)
-            if name == "too_central" and p < o.alpha and large:
+            if name in ("too_central", "off_reference") and p < o.alpha and large:
                 # also surprising against the reference, given how few held-out rows set each radius
-                p = max(p, self._central_calibration_p(s, hits))
+                p = max(p, self._calibration_p(s, hits, name))
             evidence[name] = {"count": hits, "of": total, "share": share, "baseline": base, "p": p}
             if p < o.alpha and large:
                 reasons[name] = p
@@ -1090,22 +1142,29 @@ class ExtractionDetector(Detector):
             analytic_type="statistical",
         )
 
-    def _central_calibration_p(self, s: int, hits: int) -> float:
-        """P(at least ``hits`` too-central queries in slot s's window) for natural queries.
+    def _calibration_p(self, s: int, hits: int, test: str) -> float:
+        """P(at least ``hits`` too-central, or off-reference, queries in slot s's window) for natural queries.
 
         Each radius is an order statistic of a finite set of held-out rows, so
-        natural queries of one class fall inside it at a rate that is itself
+        natural queries of one class fall beyond it at a rate that is itself
         Beta distributed: a class's hits are beta-binomial, independent between
         classes calibrated on different rows. Their sum's tail, by convolution.
+        A too-central test leaves queries without a tested class out (they are
+        never too central); off the reference, they share the radius of all rows.
         """
         labels = self._filled(self.win_label, s).astype(np.int64)
-        k = len(self.central_group)
-        known = (labels >= 0) & (labels < k)
-        groups = self.central_group[labels[known]]
+        if test == "too_central":
+            group_of, beta = self.central_group, self.central_beta
+            known = (labels >= 0) & (labels < len(group_of))
+            groups = group_of[labels[known]]
+        else:
+            group_of, beta = self.off_group, self.off_beta
+            n_labels = len(group_of) - 1
+            groups = group_of[np.where((labels >= 0) & (labels < n_labels), labels, n_labels)]
         groups = groups[groups >= 0]
         pmf = np.ones(1)
         for g, n_g in zip(*np.unique(groups, return_counts=True)):
-            a, b = self.central_beta[g]
+            a, b = beta[g]
             pmf = np.convolve(pmf, stats.betabinom.pmf(np.arange(n_g + 1), n_g, a, b))
         return float(min(1.0, pmf[hits:].sum())) if hits < len(pmf) else 0.0
 

@@ -296,6 +296,36 @@ def test_delta_per_class_count_is_monotone_and_old_artifacts_keep_one_delta(fitt
     assert old._delta_for(np.array([3])) == old._delta_for(np.arange(10)) == fitted.delta
 
 
+def test_a_client_asking_only_about_a_rare_class_is_judged_by_that_class(tmp_path) -> None:
+    """A fraud-like table (5 % positives, in ``agent.scenarios.data``): an analyst re-scoring every positive
+    case is not extraction, though 29 % of natural positive rows lie beyond the radius set on all rows (flagged
+    off_reference before per-class radii); random queries answered as positive still are. Artifacts saved
+    before per-class radii keep the one radius."""
+    ds = load("imbalanced")
+    ctx = DetectorContext(device=CPU, input_shape=ds.input_shape, n_classes=2, seed=0)
+    det = ExtractionDetector(ExtractionDetector.Options(prada_simulations=300), ctx)
+    det.fit(ReferenceData(ds.X_train, ds.y_train, ds.input_shape))
+    assert det.off_radius[1] > det.off_reference_radius == det.off_radius[-1]
+    rng = np.random.default_rng(0)
+    X, c, ts = benign_traffic(ds, 8000, 40, seed=0)
+    y = ds.y_test[[int(np.flatnonzero((ds.X_test == row).all(1))[0]) for row in X]]
+    positives = np.concatenate([ds.X_test[ds.y_test == 1], ds.X_train[ds.y_train == 1]])
+    randoms = rng.uniform(ds.lo, ds.hi, (300, ds.dim)).astype(np.float32)
+    parts, labels = [X, positives[rng.permutation(len(positives))], randoms], [y, np.ones(len(positives) + 300, int)]
+    clients = [f"tenant-{i}" for i in c] + ["analyst"] * len(positives) + ["random-queries"] * 300
+    times = np.concatenate([ts, np.sort(rng.uniform(0, 3600, len(positives))), np.sort(rng.uniform(0, 3600, 300))])
+    X, y = np.concatenate(parts), np.concatenate(labels)
+    order = np.argsort(times, kind="stable")
+    data = (X[order], times[order], [clients[i] for i in order], np.eye(2, dtype=np.float32)[y[order]])
+    flagged = {f.actor: f.evidence["reasons"] for f in run(det, data)}
+    assert set(flagged) == {"random-queries"}, flagged
+    assert "off_reference" in flagged["random-queries"]
+    tree = {k: v for k, v in det.artifacts().items() if k not in ("off_radius", "off_group", "off_beta")}
+    old = ExtractionDetector(ExtractionDetector.Options(prada_simulations=300), ctx)
+    old.load_artifacts(tree)
+    assert old._off_radius_for(np.array([0, 1, -1])).tolist() == [det.off_reference_radius] * 3
+
+
 def test_throughput_batch_512(fitted: ExtractionDetector, tmp_path) -> None:
     det = fresh_from(fitted, tmp_path)
     data = traffic(n_benign=20000, n_clients=300, attack=None)
@@ -377,7 +407,7 @@ def test_too_central_allows_for_few_calibration_rows(fitted: ExtractionDetector,
     assert len(np.unique(group)) == 1
     a, b = det.central_beta[group[0]]
     for hits in (5, 15, 30):
-        p = det._central_calibration_p(s, hits)
+        p = det._calibration_p(s, hits, "too_central")
         assert p == pytest.approx(stats.betabinom.sf(hits - 1, n, a, b), rel=1e-6)
         if hits > 2 * n * a / (a + b):  # the tail the test uses: heavier than the binomial's
             assert p > stats.binom.sf(hits - 1, n, a / (a + b))
@@ -441,7 +471,8 @@ def test_cover_is_whitened_and_old_artifacts_load_in_input_space(fitted: Extract
 
     ds = load("digits")
     assert fitted.cover_whitening is not None and "cover_whitening" in fitted.artifacts()
-    old = {k: v for k, v in fitted.artifacts().items() if k != "cover_whitening"}
+    old = {k: v for k, v in fitted.artifacts().items()  # older still than per-class radii
+           if k not in ("cover_whitening", "off_radius", "off_group", "off_beta")}
     km = KMeans(n_clusters=128, n_init=1, random_state=0).fit(ds.X_train)
     old["centroids"] = km.cluster_centers_.astype(np.float32)
     d = np.sqrt(((ds.X_train[:, None] - old["centroids"][None]) ** 2).sum(-1).min(1))

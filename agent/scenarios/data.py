@@ -6,6 +6,9 @@
   (64 features standardised, 5 classes, 3,000 rows, overlapping classes), for checking the
   detectors on data none of them was shaped on, with a model that is right on only ~88 % of
   new rows (far less than on its training rows).
+- ``imbalanced``: not real data and not in the eval either: a fraud-like table (``make_classification``,
+  20 features of which four are made counts, 2 classes, 5 % positives, 6,000 rows), where the rare class's
+  natural rows lie far from each other.
 
 Each comes as a fixed train / reference / test split so detectors are fitted
 on one part and measured on rows they never saw.
@@ -68,7 +71,13 @@ def load(name: str, seed: int = 0) -> Dataset:
         X, y = datasets.make_classification(n_samples=3000, n_features=64, n_informative=24, n_redundant=16,
                                             n_classes=5, n_clusters_per_class=2, class_sep=1.5, random_state=7)
         return _standardised("synthetic", X, y, 5, seed)
-    raise ValueError(f"unknown data set {name!r}; expected 'digits', 'tabular' or 'synthetic'")
+    if name == "imbalanced":
+        X, y = datasets.make_classification(n_samples=6000, n_features=20, n_informative=8, n_redundant=4,
+                                            n_classes=2, weights=[0.95, 0.05], flip_y=0.01, class_sep=1.0,
+                                            random_state=11)
+        X[:, :4] = np.floor(np.abs(X[:, :4]) * 2)  # four count-like columns (0, 1, 2, ...), as tables have
+        return _standardised("imbalanced", X, y, 2, seed)
+    raise ValueError(f"unknown data set {name!r}; expected 'digits', 'tabular', 'synthetic' or 'imbalanced'")
 
 
 REFERENCE_SHARE = 0.5  # share of X_train held out from the model and given to the detectors as reference

@@ -389,7 +389,7 @@ if __name__ == "__main__":
     # python -m agent.scenarios.extraction 0,1 personas: benign client types (benign_personas), which are flagged
     mode = sys.argv[2] if len(sys.argv) > 2 else ""
     if mode == "personas":
-        for name in ("digits", "tabular", "synthetic"):
+        for name in ("digits", "tabular", "synthetic", "imbalanced"):
             for seed in [int(x) for x in sys.argv[1].split(",")]:
                 r = run_dataset(name, torch.device("cpu"), False, seed=seed, make_attacks=benign_personas)
                 flagged = {v["variant"]: f"{v['queries_to_detect']} ({', '.join(v['reasons'])})"
