@@ -57,11 +57,12 @@ def _digit_shifts() -> dict[str, Shift]:
     }
 
 
-def _tabular_shifts() -> dict[str, Shift]:
-    subset = np.arange(30) % 3 == 0  # 10 of the 30 features
+def _tabular_shifts(dim: int) -> dict[str, Shift]:
+    subset = np.arange(dim) % 3 == 0  # a third of the features (10 of tabular's 30)
+    k = int(subset.sum())
     return {
-        "scale 10 features x1.5": lambda X, rng: X * np.where(subset, 1.5, 1.0).astype(np.float32),
-        "offset 10 features +0.75 std": lambda X, rng: X + np.where(subset, 0.75, 0.0).astype(np.float32),
+        f"scale {k} features x1.5": lambda X, rng: X * np.where(subset, 1.5, 1.0).astype(np.float32),
+        f"offset {k} features +0.75 std": lambda X, rng: X + np.where(subset, 0.75, 0.0).astype(np.float32),
         "gaussian noise 0.5 std": lambda X, rng: X + rng.normal(0, 0.5, X.shape).astype(np.float32),
     }
 
@@ -141,7 +142,7 @@ def _evaluate_dataset(name: str, device: torch.device, quick: bool, seed: int = 
     rng = np.random.default_rng(seed + 5)
     n_before, n_after = (1000, 1500) if quick else (3000, 3000)
     base, _, _ = data.benign_traffic(ds, n_after, 200, seed=seed + 21)
-    shifts = _digit_shifts() if name == "digits" else _tabular_shifts()
+    shifts = _digit_shifts() if name == "digits" else _tabular_shifts(ds.dim)
     variants = []
     for i, (variant, fn) in enumerate(shifts.items()):
         shifted = np.asarray(fn(base.copy(), rng), np.float32)
@@ -183,10 +184,13 @@ def evaluate(device: torch.device, quick: bool = False) -> dict[str, Any]:
     }
 
 
-if __name__ == "__main__":  # python -m agent.scenarios.drift 0,1,2,3: the eval over other seeds
+if __name__ == "__main__":
+    # python -m agent.scenarios.drift 0,1,2,3: the eval over other seeds
+    # python -m agent.scenarios.drift 0 synthetic,imbalanced: data sets the eval does not have (standardised
+    # tables, so the tabular shifts apply)
     import sys
 
-    for name in ("digits", "tabular"):
+    for name in (sys.argv[2].split(",") if len(sys.argv) > 2 else ("digits", "tabular")):
         for seed in [int(x) for x in sys.argv[1].split(",")]:
             r = _evaluate_dataset(name, torch.device("cpu"), False, seed=seed)
             moderate = [v for v in r["variants"] if v["moderate"]]
