@@ -10,7 +10,9 @@ label's share among the k nearest reference rows (a kNN vote).
 Two thresholds, both from reference data, never from attacks:
 
 - *weak*: above all but ``record_fpr`` of correctly labelled held-out
-  reference rows (an exponential tail fit reads that far-out quantile);
+  reference rows (an exponential tail fit reads that far-out quantile), or
+  of those with the record's label where that is lower (a class the model
+  often gets wrong does not set the bar for the others' labels);
 - *strong*: also above all but ``confusion_pass`` of simulated honest
   confusions (held-out rows relabelled to the runner-up class of their
   neighbour vote, weighted by how ambiguous the vote is), so that honest
@@ -116,6 +118,9 @@ class PoisoningDetector(Detector):
         record_fpr: float = Field(1e-4, gt=0, lt=0.2,
                                   description="share of correctly labelled records the per-record threshold "
                                               "may flag (extrapolated with an exponential tail fit)")
+        label_min_rows: int = Field(50, ge=0,
+                                    description="calibration rows of a given label that give it its own weak "
+                                                "threshold where that is lower than all rows' (0: one threshold)")
         confusion_pass: float = Field(0.1, gt=0, lt=1,
                                       description="share of simulated honest confusions the per-record "
                                                   "threshold may still flag")
@@ -167,6 +172,8 @@ class PoisoningDetector(Detector):
         self.unseen_strong_rate = 0.0  # clean rows' own strong / weak flag rates on rows a model never saw (fit)
         self.unseen_weak_rate = 0.0
         self.rank_clean: np.ndarray | None = None
+        self.weak_by_label: np.ndarray = np.zeros(0)  # per given label (fit); see _per_label_thresholds
+        self.strong_by_label: np.ndarray = np.zeros(0)
         self.windows: dict[int, dict[str, Any]] = {}
         self.evicted_sources = 0
         self.closed_windows = 0
@@ -195,6 +202,7 @@ class PoisoningDetector(Detector):
         self.rank_clean = np.sort(self._rank(p_cal, agree_cal))
         self.threshold = max(clean_threshold, confusion_threshold)
         self.clean_threshold = clean_threshold
+        self.weak_by_label, self.strong_by_label = self._per_label_thresholds(scores, cal.y, confusion_threshold)
         shift = (self._ref_np_X - self.class_mean[self._ref_np_y]) / self.class_std[self._ref_np_y]
         floor = 1.0 / len(shift)
         self.exceed_pos = np.maximum((shift > o.trigger_min_shift).mean(0), floor)
@@ -208,7 +216,8 @@ class PoisoningDetector(Detector):
             "threshold": self.threshold, "clean_threshold": clean_threshold,
             "confusion_threshold": confusion_threshold, "confusions_simulated": n_conf,
             "calibration_rows": len(cal.X), "base_rows": len(base.X),
-            "calibration_flag_rate": float((scores > self.threshold).mean()), "dup_radius": self.dup_radius,
+            "calibration_flag_rate": float((scores > self._thresholds(cal.y)[1]).mean()),
+            "dup_radius": self.dup_radius, "weak_threshold_by_label": self.weak_by_label.tolist(),
         }
         self.fitted = True
 
@@ -229,7 +238,7 @@ class PoisoningDetector(Detector):
         training rows, 88 % of new ones) clean feedback alone raised 17
         findings over 6,000 records. A twin's answers on rows it did not train
         on estimate how often new clean rows cross the thresholds (there, with
-        detector seed 0: 4.9 % above the weak one; clean feedback, 5.0 %), and
+        detector seed 0: 6.0 % above the weak ones; clean feedback, 5.9 %), and
         the tests add it to the benign rates. Only when the watched model is right on
         significantly more calibration rows than the twin (``seen_alpha``):
         with held-out reference rows the watched model's own answers already
@@ -257,7 +266,32 @@ class PoisoningDetector(Detector):
                 "p": p_seen, "rows": len(cal.y)}
         if p_seen >= self.opt.seen_alpha:
             return 0.0, 0.0, seen
-        return float((scores > self.threshold).mean()), float((scores > self.clean_threshold).mean()), seen
+        weak_t, strong_t = self._thresholds(cal.y)
+        return float((scores > strong_t).mean()), float((scores > weak_t).mean()), seen
+
+    def _per_label_thresholds(self, scores: np.ndarray, y: np.ndarray, confusion_threshold: float
+                              ) -> tuple[np.ndarray, np.ndarray]:
+        """(weak, strong) threshold per given label: the label's own ``record_fpr`` quantile of correctly
+        labelled calibration rows where it has ``label_min_rows`` of them and that is lower than all rows'.
+
+        Why: honest labels are not disputed alike. Where the model misses much of one class (a rare class:
+        on ``imbalanced``, a fraud-like table, it answers 45 % of the positives wrong, some very surely), the
+        quantile over all rows is set by that class's correct labels, and lies far above what any label of the
+        other class ever scores: a positive relabelled negative (fraud reported as legitimate) then never
+        crossed it (weak threshold 26.3 over all rows, 5.9 over negatives). Only lowered, never raised: a
+        label whose honest rows the model disputes more keeps the threshold over all rows, as before.
+        """
+        weak = np.full(self.n_classes, self.clean_threshold)
+        for c in range(self.n_classes):
+            own = scores[y == c]
+            if self.opt.label_min_rows and len(own) >= self.opt.label_min_rows:
+                weak[c] = min(weak[c], _tail_quantile(own, self.opt.record_fpr))
+        return weak, np.maximum(weak, confusion_threshold)
+
+    def _thresholds(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(weak, strong) threshold of each record, by its given label (labels beyond the model's: the last)."""
+        lab = np.clip(np.asarray(labels, np.int64), 0, self.n_classes - 1)
+        return self.weak_by_label[lab], self.strong_by_label[lab]
 
     def _model(self):
         """The model whose answers are scored: the twin while fit measures unseen-row rates, else the watched one."""
@@ -383,12 +417,18 @@ class PoisoningDetector(Detector):
                 "threshold": self.threshold, "dup_radius": self.dup_radius, "calibration": dict(self.calibration),
                 "exceed_pos": self.exceed_pos, "exceed_neg": self.exceed_neg,
                 "clean_threshold": self.clean_threshold, "rank_clean": self.rank_clean,
-                "rank_conf": self.rank_conf, "rank_conf_w": self.rank_conf_w}
+                "rank_conf": self.rank_conf, "rank_conf_w": self.rank_conf_w,
+                "weak_by_label": self.weak_by_label, "strong_by_label": self.strong_by_label}
 
     def load_artifacts(self, tree: dict[str, Any]) -> None:
         self._set_reference(np.asarray(tree["reference_X"]), np.asarray(tree["reference_y"]), int(tree["n_classes"]))
         self.threshold = float(tree["threshold"])
         self.clean_threshold = float(tree["clean_threshold"])
+        # artifacts from before per-label thresholds: one pair for every label
+        self.weak_by_label = np.asarray(tree.get("weak_by_label", np.full(self.n_classes, self.clean_threshold)),
+                                        np.float64)
+        self.strong_by_label = np.asarray(tree.get("strong_by_label", np.full(self.n_classes, self.threshold)),
+                                          np.float64)
         self.dup_radius = float(tree["dup_radius"])
         self.calibration = dict(tree["calibration"])
         # artifacts from before the unseen-row rates test against the options' rates alone
@@ -412,8 +452,8 @@ class PoisoningDetector(Detector):
             raise RuntimeError("poisoning detector needs the monitored model; give `train --model` or a surrogate")
         o = self.opt
         score, p_label, agree, pred = self._scores(batch.X, batch.labels)
-        strong = score > self.threshold
-        weak = score > self.clean_threshold
+        weak_t, strong_t = self._thresholds(batch.labels)
+        strong, weak = score > strong_t, score > weak_t
         keys = np.floor(batch.ts / o.window_s).astype(np.int64)
         findings: list[Finding] = []
         for key in np.unique(keys).tolist():
@@ -596,7 +636,7 @@ class PoisoningDetector(Detector):
         o = self.opt
         if self.rank_clean is None:  # artifacts from before this test
             return np.zeros(0, np.int64), {"p": 1.0}
-        cand = np.flatnonzero(leftover & (win["score"] > self.clean_threshold))
+        cand = np.flatnonzero(leftover & (win["score"] > self._thresholds(win["label"])[0]))
         n = max(n_rest, len(cand))
         p = _binom_tail(len(cand), n, self.weak_rate)
         test = {"p": p, "records": n, "implausible": len(cand), "benign_expected": n * self.weak_rate}

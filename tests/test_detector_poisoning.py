@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -256,3 +258,27 @@ def test_held_out_reference_keeps_the_options_rates(digits) -> None:
     det.fit(ReferenceData(X_ref, y_ref, ds.input_shape))
     assert det.calibration["reference_seen_by_model"]["p"] >= 0.01
     assert det.strong_rate == det.opt.benign_flag_rate and det.weak_rate == det.opt.honest_error_rate
+
+
+def test_positives_relabelled_negative_are_judged_by_the_negative_labels_threshold() -> None:
+    """A fraud-like table (5 % positives) with a model that answers many positives wrong, some very surely: the
+    weak threshold over all correct labels is set by those positives, far above any correct negative label. A
+    source reporting positive cases as negative (fraud as legitimate) was never flagged; with a threshold per
+    given label it is, and clean feedback stays quiet."""
+    ds = load("imbalanced")
+    X_model, y_model, X_ref, y_ref = split_for_deployment(ds, 0)
+    model = train_classifier(X_model, y_model, ds.input_shape, CPU, epochs=40, seed=0)
+    model.is_surrogate = False
+    ref = replace(ds, X_train=X_ref, y_train=y_ref)
+    det = make(ref, model)
+    assert det.weak_by_label[0] < det.clean_threshold / 2 and det.weak_by_label[1] == det.clean_threshold
+    assert feed(det, stream(ref, None, seed=99, n=6000)) == []
+    s = _merge(benign_stream(ref, 6000, 40, np.random.default_rng(3)),
+               poison(ref, "pair_flip_source", 180, np.random.default_rng(4), 40))
+    truth = poisoned_ids(s)
+    got = named(feed(make(ref, model), s))
+    before = named(feed(make(ref, model, label_min_rows=0), s))
+    print(f"recall {len(got & truth) / len(truth):.3f} (one threshold: {len(before & truth) / len(truth):.3f}), "
+          f"precision {len(got & truth) / len(got):.3f}")
+    assert len(got & truth) / len(truth) >= 0.25 and len(got & truth) / len(got) >= 0.9
+    assert len(before & truth) < len(got & truth) / 2
