@@ -377,3 +377,40 @@ def test_one_client_of_decorrelated_queries_is_not_gaussian_drift() -> None:
             labels=np.full(n, -1, np.int64)), {})
     assert [f for f in found if f.title.startswith("Covariate")] == []
     assert det._counters["attributed_to_clients"] > 1000
+
+
+class _Favouring(torch.nn.Module):
+    """A trained model that answers class 7 far more often than it is labelled (a biased logit)."""
+
+    def __init__(self, base: torch.nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.register_buffer("bias", torch.nn.functional.one_hot(torch.tensor(7), 10).float() * 8.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.bias
+
+
+def test_the_class_prior_test_expects_the_watched_models_own_answers(digits) -> None:
+    """The test counts the model's answers. A model that answers one class far more often than it is labelled
+    raised a class-prior shift on benign traffic when the expected shares came from the reference labels; with
+    ``train --model`` they come from its answers on the reference rows, and a real prior shift still shows."""
+    from agent.model import WatchedModel, train_classifier
+
+    trained = train_classifier(digits.X_train, digits.y_train, digits.input_shape, torch.device("cpu"), epochs=20)
+    model = WatchedModel(_Favouring(trained.module), digits.input_shape, 10, torch.device("cpu"), False)
+    X = benign(digits, 4000, seed=8)
+    answers = model.predict_proba(X).argmax(1)
+    reference = ReferenceData(digits.X_train, digits.y_train, digits.input_shape)
+    labelled = make(digits)
+    labelled.fit(reference)
+    watched = DriftVAE(DriftVAE.Options(), DetectorContext(torch.device("cpu"), digits.input_shape, 10, model))
+    watched.fit(reference)
+    print(f"answered 7: {(answers == 7).mean():.3f}, labelled 7: {labelled.class_freq[7]:.3f}")
+    assert (answers == 7).mean() > 2 * labelled.class_freq[7]
+    assert abs(watched.class_freq[7] - (answers == 7).mean()) < 0.05
+    prior = [f for f in run(labelled, X, labels=answers) if f.evidence.get("channel") == "label"]
+    assert prior, "with the labels' shares the model's own bias is a class-prior shift"
+    assert [f for f in run(watched, X, labels=answers) if f.evidence.get("channel") == "label"] == []
+    shifted = np.where(np.random.default_rng(1).random(len(X)) < 0.7, 0, answers)
+    assert [f for f in run(watched, X, labels=shifted) if f.evidence.get("channel") == "label"]
