@@ -261,10 +261,9 @@ class ExtractionDetector(Detector):
         self.min_spread: float = 0.0
         self.centroids: torch.Tensor | None = None
         self.centroid_sq: torch.Tensor | None = None
-        self.off_reference_radius: float = float("inf")  # every held-out row's (queries without an answer)
-        self.off_radius: np.ndarray = np.full(1, np.inf)  # [k + 1]: per answered class; the last entry is the above
-        self.off_group: np.ndarray = np.zeros(1, np.int64)  # [k + 1]: row of off_beta the radius was set on
-        self.off_beta: np.ndarray = np.ones((1, 2))  # [radii, 2]: Beta law of a natural query's rate beyond it
+        self.off_radius: np.ndarray = np.full(1, np.inf)  # [k + 1]: per answered class; last: all rows' (no answer)
+        self.off_group: np.ndarray = np.full(1, -1)  # [k + 1]: row of off_beta the radius was set on (-1: none)
+        self.off_beta: np.ndarray = np.zeros((0, 2))  # [radii, 2]: Beta law of a natural query's rate beyond it
         self.cover_whitening: Whitening | None = None  # the space the centroids live in (None: input space)
         self._cover_t: tuple[torch.Tensor, ...] | None = None
         self.central_map: torch.Tensor | None = None  # [d, r]: whitening map of the class-centre distance
@@ -481,11 +480,20 @@ class ExtractionDetector(Detector):
                 beta.append((a, b))
         return by_label, group, np.asarray(beta, np.float64)
 
-    def _off_radius_for(self, labels: np.ndarray) -> np.ndarray:
-        """The off-reference radius of each query: its answered class's, else (no answer) every row's."""
+    @property
+    def off_reference_radius(self) -> float:
+        """The off-reference radius of all held-out rows (queries without an answer, evidence)."""
+        return float(self.off_radius[-1])
+
+    def _off_index(self, labels: np.ndarray) -> np.ndarray:
+        """Each query's entry in ``off_radius`` / ``off_group``: its answered class, else (no answer) the last."""
         lab = np.asarray(labels, np.int64)
         n_labels = len(self.off_radius) - 1
-        return self.off_radius[np.where((lab >= 0) & (lab < n_labels), lab, n_labels)]
+        return np.where((lab >= 0) & (lab < n_labels), lab, n_labels)
+
+    def _off_radius_for(self, labels: np.ndarray) -> np.ndarray:
+        """The off-reference radius of each query: its answered class's, else (no answer) every row's."""
+        return self.off_radius[self._off_index(labels)]
 
     def _fit_class_centres(self, reference: ReferenceData) -> None:
         """Whitened distance of a query to its predicted class's centre; per class, the too-central radius.
@@ -570,7 +578,6 @@ class ExtractionDetector(Detector):
                        beta: np.ndarray | None = None) -> None:
         self.centroids = torch.as_tensor(centroids, dtype=torch.float32, device=self.context.device)
         self.centroid_sq = (self.centroids * self.centroids).sum(1)
-        self.off_reference_radius = radius
         if by_label is None or group is None or beta is None:  # artifacts trained before per-class radii
             by_label, group, beta = np.full(1, radius), np.full(1, -1), np.zeros((0, 2))  # -1: binomial test only
         self.off_radius = np.asarray(by_label, np.float64)
@@ -1158,9 +1165,8 @@ class ExtractionDetector(Detector):
             known = (labels >= 0) & (labels < len(group_of))
             groups = group_of[labels[known]]
         else:
-            group_of, beta = self.off_group, self.off_beta
-            n_labels = len(group_of) - 1
-            groups = group_of[np.where((labels >= 0) & (labels < n_labels), labels, n_labels)]
+            beta = self.off_beta
+            groups = self.off_group[self._off_index(labels)]
         groups = groups[groups >= 0]
         pmf = np.ones(1)
         for g, n_g in zip(*np.unique(groups, return_counts=True)):

@@ -202,7 +202,8 @@ class PoisoningDetector(Detector):
         self.rank_clean = np.sort(self._rank(p_cal, agree_cal))
         self.threshold = max(clean_threshold, confusion_threshold)
         self.clean_threshold = clean_threshold
-        self.weak_by_label, self.strong_by_label = self._per_label_thresholds(scores, cal.y, confusion_threshold)
+        self.weak_by_label, self.strong_by_label = self._per_label_thresholds(scores, cal.y, clean_threshold,
+                                                                              confusion_threshold)
         shift = (self._ref_np_X - self.class_mean[self._ref_np_y]) / self.class_std[self._ref_np_y]
         floor = 1.0 / len(shift)
         self.exceed_pos = np.maximum((shift > o.trigger_min_shift).mean(0), floor)
@@ -269,8 +270,8 @@ class PoisoningDetector(Detector):
         weak_t, strong_t = self._thresholds(cal.y)
         return float((scores > strong_t).mean()), float((scores > weak_t).mean()), seen
 
-    def _per_label_thresholds(self, scores: np.ndarray, y: np.ndarray, confusion_threshold: float
-                              ) -> tuple[np.ndarray, np.ndarray]:
+    def _per_label_thresholds(self, scores: np.ndarray, y: np.ndarray, clean_threshold: float,
+                              confusion_threshold: float) -> tuple[np.ndarray, np.ndarray]:
         """(weak, strong) threshold per given label: the label's own ``record_fpr`` quantile of correctly
         labelled calibration rows where it has ``label_min_rows`` of them and that is lower than all rows'.
 
@@ -281,7 +282,7 @@ class PoisoningDetector(Detector):
         crossed it (weak threshold 26.3 over all rows, 5.9 over negatives). Only lowered, never raised: a
         label whose honest rows the model disputes more keeps the threshold over all rows, as before.
         """
-        weak = np.full(self.n_classes, self.clean_threshold)
+        weak = np.full(self.n_classes, clean_threshold)
         for c in range(self.n_classes):
             own = scores[y == c]
             if self.opt.label_min_rows and len(own) >= self.opt.label_min_rows:

@@ -267,8 +267,7 @@ def test_positives_relabelled_negative_are_judged_by_the_negative_labels_thresho
     given label it is, and clean feedback stays quiet."""
     ds = load("imbalanced")
     X_model, y_model, X_ref, y_ref = split_for_deployment(ds, 0)
-    model = train_classifier(X_model, y_model, ds.input_shape, CPU, epochs=40, seed=0)
-    model.is_surrogate = False
+    model = team_model(replace(ds, X_train=X_model, y_train=y_model), CPU)
     ref = replace(ds, X_train=X_ref, y_train=y_ref)
     det = make(ref, model)
     assert det.weak_by_label[0] < det.clean_threshold / 2 and det.weak_by_label[1] == det.clean_threshold

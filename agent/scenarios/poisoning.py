@@ -301,8 +301,7 @@ def reference_overlap(name: str, seed: int = 0) -> dict[str, dict[str, Any]]:
     cpu = torch.device("cpu")
     ds = load(name)
     X_model, y_model, X_ref, y_ref = split_for_deployment(ds, seed)
-    held_out = train_classifier(X_model, y_model, ds.input_shape, cpu, epochs=40, seed=seed)
-    held_out.is_surrogate = False
+    held_out = team_model(replace(ds, X_train=X_model, y_train=y_model), cpu, seed=seed)
     team = team_model(ds, cpu, seed=seed)
     deployments = {"model trained on the reference": (ds, team, None),
                    "... without unseen-row rates": (ds, team, {"unseen_rates": False}),
