@@ -276,7 +276,7 @@ class PoisoningDetector(Detector):
         labelled calibration rows where it has ``label_min_rows`` of them and that is lower than all rows'.
 
         Why: honest labels are not disputed alike. Where the model misses much of one class (a rare class:
-        on ``imbalanced``, a fraud-like table, it answers 45 % of the positives wrong, some very surely), the
+        on ``imbalanced``, a fraud-like table, it answers 46 % of the positives wrong, some very surely), the
         quantile over all rows is set by that class's correct labels, and lies far above what any label of the
         other class ever scores: a positive relabelled negative (fraud reported as legitimate) then never
         crossed it (weak threshold 26.3 over all rows, 5.9 over negatives). Only lowered, never raised: a
