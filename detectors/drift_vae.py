@@ -39,7 +39,14 @@ What comes out of the VAE's score (and of a second, Gaussian one):
   can leave the VAE's score almost unchanged).
 * a label-shift episode: a chi-square test of the predicted-class counts in
   consecutive windows against the reference class frequencies, because a pure
-  class-prior shift moves no single input out of distribution.
+  class-prior shift moves no single input out of distribution. A window of
+  300 holds about 15 answers of a class the model gives 5 % of the time, too
+  few to see that class double (fraud, intrusions: the rare class is the one
+  that matters). So the last ``label_long_windows`` windows together are also
+  compared with the twice as many windows before them (a two-sample test).
+  Against the stream's own past, not the reference: a model answers the rows
+  it was trained on (often the reference) closer to their labels than new
+  ones, and over thousands of records that gap alone would read as a shift.
 
 Time comes from the records' ``ts``; an episode stays open (and silent) until
 ``quiet_records`` records pass without a new alarm, so one drift is one finding.
@@ -59,13 +66,16 @@ their per-record findings and feed the extraction detector.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 from pydantic import Field
+from scipy import stats
 from scipy.special import chdtrc, ndtr  # scipy.stats' sf is these plus ~70 us of wrappers a call
 from torch import nn
 
@@ -139,6 +149,10 @@ class DriftVAE(Detector):
                                           "window that raises drift (a shift of a few features the VAE absorbs)")
         label_window: int = Field(300, ge=20, description="labelled records per class-prior chi-square test")
         label_p: float = Field(1e-7, gt=0, lt=1, description="p-value of the chi-square test that raises label shift")
+        label_long_windows: int = Field(
+            10, ge=0, description="the last this many class-prior windows are also tested together against the "
+                                 "twice as many windows before them (two-sample): for shifts of a rare class "
+                                 "that one window is too short to show; 0: off")
         quiet_records: int = Field(5000, ge=1,
                                    description="records without a new alarm after which a drift episode is closed")
         max_models: int = Field(256, ge=1, description="models tracked at once (least recently seen evicted)")
@@ -453,7 +467,7 @@ class DriftVAE(Detector):
         state = {
             **{c: _cusum() for c in _COVARIATE},
             "feature_mean": {**_mean_window(len(self.mean)), "ids": [], "start_ts": None, **_episode()},
-            "label": {**_label_window(),
+            "label": {**_label_window(), **_recent_windows(),
                       "ids": [], "start_ts": None, **_episode()},
         }
         self._models[model] = state
@@ -563,21 +577,37 @@ class DriftVAE(Detector):
         drop = np.argsort(-per_client)[: max(1, math.ceil(self.opts.robust_share * len(uniq)))]
         return ~np.isin(inv, drop)
 
-    def _few_clients_shift_classes(self, st: dict[str, Any]) -> bool:
+    def _few_clients_shift_classes(self, labels: np.ndarray, slots: np.ndarray,
+                                   test: Callable[[np.ndarray], tuple[float, float]], share: np.ndarray) -> bool:
         """Whether the class-prior shift vanishes once the clients whose predictions push it most are left
-        out (a client's push: per row, how over-represented the row's class is in the window)."""
+        out (a client's push: per row, how over-represented the row's class is in the window against the
+        ``share`` expected); ``test`` is the one that found the shift, redone on the rest."""
         if self.opts.robust_share <= 0:
             return False
-        labels, k = st["labels"], len(self.class_freq)
-        expected = self.class_freq * len(labels)
-        excess = (np.bincount(labels, minlength=k) - expected) / expected
-        keep = self._without_top_clients(st["label_slots"], excess[labels])
-        n = int(keep.sum())
-        if n < k:
+        k = len(share)
+        expected = share * len(labels)
+        excess = (np.bincount(labels, minlength=k) - expected) / np.maximum(expected, 1e-9)
+        keep = self._without_top_clients(slots, excess[labels])
+        if int(keep.sum()) < k:
             return True
-        rest = np.bincount(labels[keep], minlength=k)
-        chi2 = float(((rest - self.class_freq * n) ** 2 / (self.class_freq * n)).sum())
-        return float(chdtrc(k - 1, chi2)) >= self.opts.robust_p
+        return test(np.bincount(labels[keep], minlength=k).astype(np.float64))[1] >= self.opts.robust_p
+
+    def _prior_chi2(self, counts: np.ndarray) -> tuple[float, float]:
+        """Chi-square of one window's class counts against the reference frequencies, taken as known."""
+        expected = self.class_freq * counts.sum()
+        chi2 = float(((counts - expected) ** 2 / expected).sum())
+        return chi2, float(chdtrc(len(counts) - 1, chi2))  # = chi2.sf(chi2, df=k - 1)
+
+    @staticmethod
+    def _prior_two_sample(before: np.ndarray, counts: np.ndarray) -> tuple[float, float]:
+        """Pearson's chi-square of recent class counts against earlier ones (a 2 x k table; classes that
+        neither has are left out): both are samples, so neither's shares are taken as known."""
+        table = np.stack([before, counts])
+        table = table[:, table.sum(0) > 0]
+        if table.shape[1] < 2:
+            return 0.0, 1.0
+        result = stats.chi2_contingency(table, correction=False)
+        return float(result.statistic), float(result.pvalue)
 
     def _few_clients_explain(self, st: dict[str, Any], z: np.ndarray, n_fit: int) -> bool:
         """Whether the window's mean shift vanishes once the clients pushing it most are left out.
@@ -600,7 +630,8 @@ class DriftVAE(Detector):
 
     def _label_shift(self, state: dict[str, Any], model: str, batch: InferenceBatch,
                      idx: np.ndarray) -> list[Finding]:
-        """Chi-square of predicted-class counts per window of ``label_window`` labelled records."""
+        """Chi-square of predicted-class counts per window of ``label_window`` labelled records, and of
+        the last ``label_long_windows`` windows together."""
         st = state["label"]
         k = len(self.class_freq)
         labelled = idx[(batch.labels[idx] >= 0) & (batch.labels[idx] < k)]
@@ -618,25 +649,54 @@ class DriftVAE(Detector):
             st["since_alarm"] += len(take)
             pos += len(take)
             if len(st["labels"]) >= self.opts.label_window:
-                counts = np.bincount(st["labels"], minlength=k).astype(np.float64)
-                n = counts.sum()
-                expected = self.class_freq * n
-                chi2 = float(((counts - expected) ** 2 / expected).sum())
-                pval = float(chdtrc(k - 1, chi2))  # = chi2.sf(chi2, df=k - 1)
-                if pval < self.opts.label_p and self._few_clients_shift_classes(st):
-                    self._counters["label_shifts_left_to_clients"] += 1
-                elif pval < self.opts.label_p:
-                    f = self._alarm(state, "label", model, float(batch.ts[take[-1]]), {
-                        "chi2": chi2, "p": pval, "threshold_p": self.opts.label_p, "window": int(n),
-                        "observed_share": (counts / n).round(4).tolist(),
-                        "reference_share": self.class_freq.round(4).tolist(),
-                    })
+                shift, left_to_clients = self._prior_tests(st, k)
+                if shift is not None:
+                    f = self._alarm(state, "label", model, float(batch.ts[take[-1]]), shift)
                     if f is not None:
                         findings.append(f)
+                elif left_to_clients:
+                    self._counters["label_shifts_left_to_clients"] += 1
                 elif st["open"] and st["since_alarm"] >= self.opts.quiet_records:
                     st["open"] = False
                 st.update(_label_window(), ids=[], start_ts=None)
         return findings
+
+    def _prior_tests(self, st: dict[str, Any], k: int) -> tuple[dict[str, Any] | None, bool]:
+        """The class-prior tests on a full window: the window against the reference; else the last
+        ``label_long_windows`` windows against the twice as many before them.
+
+        Returns the evidence of the test that found a shift (None: neither did) and whether a shift was
+        found but vanished without the few clients pushing it most. Moves this window into the history.
+        """
+        labels, slots = st["labels"], st["label_slots"]
+        counts = np.bincount(labels, minlength=k).astype(np.float64)
+        tests = [(labels, slots, self._prior_chi2, self.class_freq, "window")]
+        L = self.opts.label_long_windows
+        if L > 0:
+            history = np.concatenate([st["window_counts"].reshape(-1, k), counts[None]])
+            recent_labels = np.concatenate([st["recent_labels"], labels])
+            recent_slots = np.concatenate([st["recent_slots"], slots])
+            if len(history) >= 3 * L:
+                before = history[-3 * L : -L].sum(0)
+                tests.append((recent_labels, recent_slots, functools.partial(self._prior_two_sample, before),
+                              before / before.sum(), "recent_windows_vs_before"))
+            drop = max(0, len(recent_labels) - (L - 1) * self.opts.label_window)  # keep what the next test takes
+            st["window_counts"] = history[-(3 * L - 1):]
+            st["recent_labels"], st["recent_slots"] = recent_labels[drop:], recent_slots[drop:]
+        left_to_clients = False
+        for sample, sample_slots, test, expected_share, name in tests:
+            sample_counts = np.bincount(sample, minlength=k).astype(np.float64)
+            chi2, pval = test(sample_counts)
+            if pval >= self.opts.label_p:
+                continue
+            if self._few_clients_shift_classes(sample, sample_slots, test, expected_share):
+                left_to_clients = True
+                continue
+            n = sample_counts.sum()
+            return {"chi2": chi2, "p": pval, "threshold_p": self.opts.label_p, "window": int(n), "test": name,
+                    "observed_share": (sample_counts / n).round(4).tolist(),
+                    "reference_share": np.asarray(expected_share).round(4).tolist()}, False
+        return None, left_to_clients
 
     def _alarm(self, state: dict[str, Any], channel: str, model: str, ts: float,
                evidence: dict[str, Any]) -> Finding | None:
@@ -684,7 +744,8 @@ class DriftVAE(Detector):
                                  "rows": state["feature_mean"]["rows"].copy(),
                                  "row_slots": state["feature_mean"]["row_slots"].copy()},
                 "label": {**lab, "ids": list(lab["ids"]), "labels": lab["labels"].copy(),
-                          "label_slots": lab["label_slots"].copy()},
+                          "label_slots": lab["label_slots"].copy(),
+                          **{key: lab[key].copy() for key in _recent_windows()}},
             })
         n = self._slots.high_water
         return {"models": models, "counters": dict(self._counters), "clients": self._slots.state_dict(),
@@ -707,6 +768,8 @@ class DriftVAE(Detector):
             lab.pop("counts", None)  # such checkpoints kept class counts; they are the labels' bincount now
             lab["labels"] = np.asarray(lab["labels"], np.int64)
             lab["label_slots"] = np.asarray(lab["label_slots"], np.int64)
+            for key, empty in _recent_windows().items():  # checkpoints from before the long test: none yet
+                lab[key] = np.asarray(lab.get(key, empty), empty.dtype)
             fm = restored["feature_mean"]
             fm["sums"] = np.asarray(fm["sums"], np.float64)
             if "rows" not in fm:  # a checkpoint from before the leave-clients-out check: start a new window
@@ -732,6 +795,13 @@ def _mean_window(dim: int) -> dict[str, Any]:
 def _label_window() -> dict[str, Any]:
     """An empty window of the class-prior test: its predicted labels and their clients' slots."""
     return {"labels": np.zeros(0, np.int64), "label_slots": np.zeros(0, np.int64)}
+
+
+def _recent_windows() -> dict[str, Any]:
+    """The class-prior test's history: the labels (and their clients' slots) of the windows just before the
+    current one, and the class counts of each window before it, for the test of recent windows vs earlier."""
+    return {"recent_labels": np.zeros(0, np.int64), "recent_slots": np.zeros(0, np.int64),
+            "window_counts": np.zeros((0, 0))}
 
 
 def _cusum() -> dict[str, Any]:

@@ -414,3 +414,36 @@ def test_the_class_prior_test_expects_the_watched_models_own_answers(digits) -> 
     assert [f for f in run(watched, X, labels=answers) if f.evidence.get("channel") == "label"] == []
     shifted = np.where(np.random.default_rng(1).random(len(X)) < 0.7, 0, answers)
     assert [f for f in run(watched, X, labels=shifted) if f.evidence.get("channel") == "label"]
+
+
+def rare_class_answers(rng: np.random.Generator, n: int, share: float) -> np.ndarray:
+    """Answers with class 0 at ``share``, the rest spread evenly over the nine others."""
+    return np.where(rng.random(n) < share, 0, rng.integers(1, 10, n))
+
+
+def test_a_rare_class_that_doubles_is_caught_against_the_streams_own_past(digits, artifacts, tmp_path: Path) -> None:
+    """A model that gives class 0 for 3 % of its answers (10 % of the reference) starts giving it for 7 %: too
+    few answers in one 300-record window to show against the reference, which the model's own bias already
+    misses; the last ten windows against the twenty before them show it. A checkpoint in between keeps the
+    history the test needs."""
+    rng = np.random.default_rng(3)
+    labels = np.concatenate([rare_class_answers(rng, 12_000, 0.03), rare_class_answers(rng, 6_000, 0.07)])
+    X = benign(digits, 18_000, seed=4)
+
+    def prior_findings(det: DriftVAE, lo: int = 0) -> list:
+        return [f for f in run(det, X[lo:], labels=labels[lo:], start_ts=0.05 * lo)
+                if f.evidence.get("channel") == "label"]
+
+    assert prior_findings(fitted(digits, artifacts, label_long_windows=0)) == [], "one window alone misses it"
+    found = prior_findings(fitted(digits, artifacts))
+    assert len(found) == 1 and found[0].evidence["test"] == "recent_windows_vs_before"
+    assert found[0].evidence["p"] < 1e-7 and found[0].evidence["window"] == 3000
+    assert min(int(rid[1:]) for rid in found[0].related_ids) >= 12_000, "raised after the change, not before"
+    assert found[0].evidence["reference_share"][0] == pytest.approx(0.03, abs=0.01), "compared with the past"
+
+    det = fitted(digits, artifacts)
+    run(det, X[:10_240], labels=labels[:10_240])
+    save_tree(tmp_path / "state.npz", det.state_dict())
+    twin = fitted(digits, artifacts)
+    twin.load_state_dict(load_tree(tmp_path / "state.npz"))
+    assert [f.uid for f in prior_findings(twin, 10_240)] == [f.uid for f in found]

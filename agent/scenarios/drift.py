@@ -116,7 +116,9 @@ def _run_shift(det_factory: Callable[[], DriftVAE], ds: data.Dataset, predict, n
     }
 
 
-def _evaluate_dataset(name: str, device: torch.device, quick: bool, seed: int = 0) -> dict[str, Any]:
+def _evaluate_dataset(name: str, device: torch.device, quick: bool, seed: int = 0,
+                      n_before: int | None = None) -> dict[str, Any]:
+    """One data set's benign run and shifts; ``n_before``: benign records before each shift (default 3,000)."""
     ds = data.load(name)
     model = train_classifier(ds.X_train, ds.y_train, ds.input_shape, device, epochs=60, seed=seed)
     started = time.perf_counter()
@@ -140,7 +142,8 @@ def _evaluate_dataset(name: str, device: torch.device, quick: bool, seed: int = 
     replay_s = time.perf_counter() - started
 
     rng = np.random.default_rng(seed + 5)
-    n_before, n_after = (1000, 1500) if quick else (3000, 3000)
+    n_default, n_after = (1000, 1500) if quick else (3000, 3000)
+    n_before = n_before or n_default
     base, _, _ = data.benign_traffic(ds, n_after, 200, seed=seed + 21)
     shifts = _digit_shifts() if name == "digits" else _tabular_shifts(ds.dim)
     variants = []
@@ -188,11 +191,14 @@ if __name__ == "__main__":
     # python -m agent.scenarios.drift 0,1,2,3: the eval over other seeds
     # python -m agent.scenarios.drift 0 synthetic,imbalanced: data sets the eval does not have (standardised
     # tables, so the tabular shifts apply)
+    # python -m agent.scenarios.drift 0 imbalanced 9000: 9,000 benign records before each shift, not 3,000 (the
+    # class-prior test of recent windows against earlier ones needs 9,000 labelled records of history)
     import sys
 
+    before = int(sys.argv[3]) if len(sys.argv) > 3 else None
     for name in (sys.argv[2].split(",") if len(sys.argv) > 2 else ("digits", "tabular")):
         for seed in [int(x) for x in sys.argv[1].split(",")]:
-            r = _evaluate_dataset(name, torch.device("cpu"), False, seed=seed)
+            r = _evaluate_dataset(name, torch.device("cpu"), False, seed=seed, n_before=before)
             moderate = [v for v in r["variants"] if v["moderate"]]
             late = {v["variant"]: v["events_to_detect"] for v in moderate
                     if not v["detected"] or v["events_to_detect"] > 500}
