@@ -40,3 +40,18 @@ def test_bench_json(tmp_path: Path) -> None:
     assert out["ceiling_eps"] > 0 and out["agent_eps"] > 0
     assert out["ratio"] == pytest.approx(out["agent_eps"] / out["ceiling_eps"], rel=0.01)
     assert 0 < out["latency_ms"]["p50"] <= out["latency_ms"]["p99"]
+
+
+def test_bench_detectors_only_needs_no_broker() -> None:
+    res = subprocess.run([sys.executable, "-m", "agent", "bench", "--json", "--detectors-only", "--events", "3000"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["events"] == 3000 and out["detector_passes"] == 5 and "ceiling_eps" not in out
+    assert {"drift_vae", "adversarial", "extraction"} <= set(out["detector_eps"])
+    assert all(eps > 0 for eps in out["detector_eps"].values())
+    slowest = min(out["detector_eps"].values())
+    assert 0 < out["detectors_together_eps"] < slowest, "together is the harmonic sum, below the slowest alone"
+    plain = subprocess.run([sys.executable, "-m", "agent", "bench", "--detectors-only", "--events", "1000"],
+                           capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert plain.returncode == 0 and "detectors together (batch 512, best of 5)" in plain.stdout, plain.stderr[-2000:]
