@@ -157,7 +157,11 @@ class FeatureExtractor:
         self.pca, self.noise = t(spec.pca), t(spec.noise)
         self.logit_means, self.logit_prec = t(spec.logit_means), t(spec.logit_prec)
         self.knn_points, self.knn_onehot, self.knn_scale = t(spec.knn_points), t(spec.knn_onehot), t(spec.knn_scale)
-        self.knn_sqnorm = self.knn_points.pow(2).sum(1)
+        # the neighbour kernel's logits -d2/tau, less the query's own |x|^2/tau (the same for every neighbour of a
+        # row, so the softmax ignores it), as one fused product plus bias: the [batch x neighbours] matrix is the
+        # largest thing this detector computes, and each elementwise pass over it is a large share of its time
+        self.knn_kernel = (2.0 / spec.knn_tau) * self.knn_points.T.contiguous()
+        self.knn_bias = -self.knn_points.pow(2).sum(1) / spec.knn_tau
         self.whitening = t(spec.whitening)
         self.hidden_whitening, self.hidden_means = t(spec.hidden_whitening), t(spec.hidden_means)
 
@@ -231,8 +235,9 @@ class FeatureExtractor:
         resid = xs - projected
         pn_mean = pn.mean(0)
         xk = x / self.knn_scale
-        d2 = (xk.pow(2).sum(1, keepdim=True) - 2 * xk @ self.knn_points.T + self.knn_sqnorm).clamp_min(0)
-        vote = torch.softmax(-d2 / self.spec.knn_tau, dim=1) @ self.knn_onehot
+        kernel = torch.addmm(self.knn_bias, xk, self.knn_kernel)  # -d2/tau + |xk|^2/tau
+        vote = torch.softmax(kernel, dim=1) @ self.knn_onehot
+        d2_min = (xk.pow(2).sum(1) - self.spec.knn_tau * kernel.max(1).values).clamp_min(0)
         hidden_maha, hidden_gap = self._hidden(hidden_all, pred, n)
         feats = [
             torch.log(1 - answer.max(1).values + 1e-6),
@@ -245,7 +250,7 @@ class FeatureExtractor:
             torch.log1p(resid.pow(2).sum(1)),
             -(answer * torch.log(answer + 1e-12)).sum(1),
             vote.gather(1, pred[:, None])[:, 0],
-            0.5 * torch.log(d2.min(1).values + 1e-6 * self.spec.knn_tau),
+            0.5 * torch.log(d2_min + 1e-6 * self.spec.knn_tau),
             torch.log1p((xs @ self.whitening).pow(2).sum(1)),
             torch.log(top2[:, 0] - top2[:, 1] + 1e-3),
             hidden_maha,
