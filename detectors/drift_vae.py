@@ -75,7 +75,6 @@ from typing import Any
 import numpy as np
 import torch
 from pydantic import Field
-from scipy import stats
 from scipy.special import chdtrc, ndtr  # scipy.stats' sf is these plus ~70 us of wrappers a call
 from torch import nn
 
@@ -606,8 +605,11 @@ class DriftVAE(Detector):
         table = table[:, table.sum(0) > 0]
         if table.shape[1] < 2:
             return 0.0, 1.0
-        result = stats.chi2_contingency(table, correction=False)
-        return float(result.statistic), float(result.pvalue)
+        # scipy.stats.chi2_contingency(table, correction=False), without its 0.5 ms of wrappers a call (it
+        # ran once per 300 records and cost this detector a quarter of its throughput); a test checks both agree
+        expected = table.sum(1, keepdims=True) * table.sum(0, keepdims=True) / table.sum()
+        chi2 = float(((table - expected) ** 2 / expected).sum())
+        return chi2, float(chdtrc(table.shape[1] - 1, chi2))
 
     def _few_clients_explain(self, st: dict[str, Any], z: np.ndarray, n_fit: int) -> bool:
         """Whether the window's mean shift vanishes once the clients pushing it most are left out.

@@ -447,3 +447,15 @@ def test_a_rare_class_that_doubles_is_caught_against_the_streams_own_past(digits
     twin = fitted(digits, artifacts)
     twin.load_state_dict(load_tree(tmp_path / "state.npz"))
     assert [f.uid for f in prior_findings(twin, 10_240)] == [f.uid for f in found]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_two_sample_prior_test_is_scipys_chi2_contingency(seed: int) -> None:
+    from scipy.stats import chi2_contingency
+
+    rng = np.random.default_rng(seed)
+    before, recent = rng.integers(0, 400, 10).astype(float), rng.integers(0, 200, 10).astype(float)
+    before[3] = recent[3] = 0  # a class neither has is left out, as scipy requires
+    keep = (before + recent) > 0
+    ref = chi2_contingency(np.stack([before[keep], recent[keep]]), correction=False)
+    assert DriftVAE._prior_two_sample(before, recent) == pytest.approx((ref.statistic, ref.pvalue), rel=1e-9)
