@@ -71,6 +71,10 @@ class ClientSlots:
         self.evictions += 1
         return slot
 
+    def slot_of(self, client: str) -> int | None:
+        """The client's slot, None when it is not tracked (never seen, or evicted); does not touch the LRU order."""
+        return self._slot_of.get(client)
+
     def client_of(self) -> dict[int, str]:
         return {slot: client for client, slot in self._slot_of.items()}
 

@@ -55,6 +55,15 @@ Each finding names the technique (``_probe_pattern.classify``) from the
 client's window: answers, near duplicates, small steps from the query just
 before, and whether its recent queries walk through the input space.
 
+**New clients, pooled** (``detectors/_cohort.py``): the non-repeat queries
+of clients with fewer than ``min_queries`` of them, which no per-client test
+judges, go into one ring of ``cohort_size``, tested every
+``cohort_check_every`` queries with the same share tests, against the rates of
+the typical *established* client (a drift moves those too; a campaign spread
+over many client ids does not). When the pool fails a test, each client with
+at least ``cohort_min_hits`` of the pool's queries showing a failed signal,
+and at least half of its own pooled queries, gets a finding.
+
 A flagged client gets one finding per campaign (``window`` key
 ``client:campaign_start_ts``); while the campaign goes on the same uid is
 re-raised with updated counts at most every ``reraise_every`` queries.
@@ -78,6 +87,7 @@ from agent.records import InferenceBatch
 from agent.reference import ReferenceData
 from detectors import _probe_pattern as probe_pattern
 from detectors._client_slots import ClientSlots, EvictionAlarm, group_ranks
+from detectors._cohort import NewClientCohort
 from detectors._swilk import shapiro_w
 from detectors._whitening import Whitening
 from detectors.base import Detector, DetectorContext, DetectorOptions
@@ -250,6 +260,14 @@ class ExtractionDetector(Detector):
                                      description="concentration alarm below this fraction of the 0.1% "
                                                  "quantile of simulated benign clients' spread")
         repeat_eps: float = Field(1e-6, ge=0, description="distance at or below which a query is an exact repeat")
+        cohort_size: int = Field(1024, ge=0, description="recent queries of clients too new for their own tests "
+                                                        "(under min_queries) that are tested together, for "
+                                                        "campaigns spread over many client ids; 0: off")
+        cohort_check_every: int = Field(32, ge=1, description="test the new clients' pool every this many of "
+                                                              "their queries")
+        cohort_min_hits: int = Field(3, ge=1, description="pooled queries with a failed signal a new client "
+                                                          "needs to be named (and half of its pooled queries, "
+                                                          "and that many significant at alpha on their own)")
 
     def __init__(self, options: DetectorOptions, context: DetectorContext):
         super().__init__(options, context)
@@ -623,6 +641,10 @@ class ExtractionDetector(Detector):
         self._eviction_alarm = EvictionAlarm(self.name, self.family)
         self._cap = 0
         self._dim: int | None = None
+        self.cohort = NewClientCohort(self.opt.cohort_size)
+        self.est_rate: dict[str, float] = {}  # per signal, the typical established client's rate (EWMA) ...
+        self.est_batch_rate: dict[str, float] = {}  # ... and in the last batch that had established clients
+        self.est_rows = 0  # established clients' queries seen: the pool is tested once they are enough
         self._k: int | None = None
         self.hist = torch.zeros((0, self.opt.history, 0), device=self.context.device)
         self.hist_sq = torch.zeros((0, self.opt.history), device=self.context.device)
@@ -644,11 +666,29 @@ class ExtractionDetector(Detector):
         self.camp_first_count = np.zeros(0, np.int64)
         self.win_id = np.empty((0, self.opt.window), object)  # record ids of the window, for findings
         self.batch_rate: dict[str, float] = {}  # this batch's population rate (a drift shows at once)
-        self.pop_rate = {"near_duplicates": 0.0, "low_margin": self.opt.low_margin_prior,
-                         "off_reference": self.opt.off_reference_rate, "out_of_distribution": self.opt.min_ood_rate,
-                         "too_central": self.opt.central_rate, "few_feature_steps": self.opt.min_few_feature_rate}
+        self.pop_rate = self._initial_rates()
         self.findings_raised = 0
         self._mask_cache: dict[str, torch.Tensor] = {}
+
+    def _initial_rates(self) -> dict[str, float]:
+        """Per signal, the benign rate assumed before the population is seen."""
+        return {"near_duplicates": 0.0, "low_margin": self.opt.low_margin_prior,
+                "off_reference": self.opt.off_reference_rate, "out_of_distribution": self.opt.min_ood_rate,
+                "too_central": self.opt.central_rate, "few_feature_steps": self.opt.min_few_feature_rate}
+
+    def _share_signals(self) -> list[tuple[str, int, float]]:
+        """(name, flag bit, floor of its benign rate) of each share test this detector can run."""
+        o = self.opt
+        signals = [("near_duplicates", _NEAR_DUP, self.benign_dup_rate),
+                   ("low_margin", _LOW_MARGIN, o.min_low_margin_rate),
+                   ("off_reference", _OFF_REFERENCE, o.off_reference_rate),
+                   ("out_of_distribution", _OOD, o.min_ood_rate),
+                   ("too_central", _CENTRAL, o.central_rate),
+                   ("few_feature_steps", _FEW_FEATURES, o.min_few_feature_rate)]
+        skip = {"low_margin"} if self._k is None else set()
+        skip |= {"off_reference"} if self.centroids is None else set()
+        skip |= {"too_central"} if self.central_map is None else set()
+        return [sig for sig in signals if sig[0] not in skip]
 
     def _ensure(self, dim: int, k: int | None) -> None:
         """Allocate or grow the slot arrays (doubling) to cover every issued slot."""
@@ -764,7 +804,12 @@ class ExtractionDetector(Detector):
             flags[known] |= _OOD_KNOWN
             flags[known & (ood_p < o.ood_p)] |= _OOD
         informative = ~is_repeat
-        self._update_population(slots[informative], flags[informative])
+        new_client = self.informative[slots] < o.min_queries  # before this batch: no test of its own yet
+        self._update_population(slots[informative], flags[informative], ~new_client[informative])
+        if o.cohort_size:
+            pooled = np.flatnonzero(informative & new_client)
+            self.cohort.push(flags[pooled], np.asarray(batch.clients, object)[pooled],
+                             np.asarray(batch.ids, object)[pooled])
 
         # 3. scatter into the per-client rings (history: every query; window: non-repeats only)
         self._push_history(x, x_sq, slots, is_repeat)
@@ -784,11 +829,13 @@ class ExtractionDetector(Detector):
             f = self._check(s, client_of[s], batch.models[i], float(batch.ts[i]))
             if f is not None:
                 findings.append(f)
+        if o.cohort_size and self.cohort.since_check >= o.cohort_check_every and self.cohort.length >= o.min_queries:
+            findings += self._check_cohort(batch.models[-1], float(batch.ts.max()))
         findings += self._eviction_alarm.check(self.slots, float(batch.ts.max()))
         self.findings_raised += len(findings)
         return findings
 
-    def _update_population(self, slots: np.ndarray, flags: np.ndarray) -> None:
+    def _update_population(self, slots: np.ndarray, flags: np.ndarray, established: np.ndarray) -> None:
         """Track what the typical client's queries look like right now, per signal.
 
         Per batch: each client's share of queries showing the signal, averaged
@@ -796,7 +843,10 @@ class ExtractionDetector(Detector):
         an exponentially weighted average over batches). Weighing clients, not
         records, is what one busy attacker (or a few among many clients)
         barely moves, while a drift that shifts every client's queries moves
-        it at once.
+        it at once. The same over the ``established`` clients alone (rows of
+        clients that have their own tests) is what the pool of new clients is
+        tested against: a campaign spread over many new client ids moves the
+        typical client, not the typical established one.
         """
         if len(flags) == 0:
             return
@@ -804,7 +854,11 @@ class ExtractionDetector(Detector):
         have = present > 0
         if have.sum() < self.opt.population_min_clients:
             return
-        w = 1.0 - math.exp(-len(flags) * math.log(2) / self.opt.population_halflife)
+        halving = math.log(2) / self.opt.population_halflife
+        w = 1.0 - math.exp(-len(flags) * halving)
+        est = np.bincount(slots[established], minlength=self._cap) > 0
+        w_est = 1.0 - math.exp(-int(established.sum()) * halving) if est.sum() >= self.opt.population_min_clients \
+            else 0.0
         for name, bit, known_bit in (("near_duplicates", _NEAR_DUP, 0), ("low_margin", _LOW_MARGIN, 0),
                                      ("off_reference", _OFF_REFERENCE, 0), ("out_of_distribution", _OOD, _OOD_KNOWN),
                                      ("too_central", _CENTRAL, 0), ("few_feature_steps", _FEW_FEATURES, 0)):
@@ -823,6 +877,13 @@ class ExtractionDetector(Detector):
             typical = float((hits[mask] / denom[mask]).mean())
             self.pop_rate[name] += w * (typical - self.pop_rate[name])
             self.batch_rate[name] = typical
+            if w_est and (mask & est).any():
+                typical_est = float((hits[mask & est] / denom[mask & est]).mean())
+                before = self.est_rate.get(name, typical_est)  # the first measurement, not a prior, starts it
+                self.est_rate[name] = before + w_est * (typical_est - before)
+                self.est_batch_rate[name] = typical_est
+        if w_est:
+            self.est_rows += int(established.sum())
 
     def _too_central(self, x: torch.Tensor, labels: np.ndarray) -> np.ndarray:
         """Queries closer to their answered class's centre than all but ``central_rate`` of natural rows.
@@ -1062,18 +1123,7 @@ class ExtractionDetector(Detector):
         pvalues: dict[str, float] = {}
         any_large = False
         counts = _bit_counts(flags)
-        for name, bit, floor in (("near_duplicates", _NEAR_DUP, self.benign_dup_rate),
-                                 ("low_margin", _LOW_MARGIN, o.min_low_margin_rate),
-                                 ("off_reference", _OFF_REFERENCE, o.off_reference_rate),
-                                 ("out_of_distribution", _OOD, o.min_ood_rate),
-                                 ("too_central", _CENTRAL, o.central_rate),
-                                 ("few_feature_steps", _FEW_FEATURES, o.min_few_feature_rate)):
-            if name == "low_margin" and self._k is None:
-                continue
-            if name == "off_reference" and self.centroids is None:
-                continue
-            if name == "too_central" and self.central_map is None:
-                continue
+        for name, bit, floor in self._share_signals():
             total = n
             if name == "out_of_distribution":
                 total = counts[_OOD_KNOWN]
@@ -1149,6 +1199,83 @@ class ExtractionDetector(Detector):
             analytic_type="statistical",
         )
 
+    def _check_cohort(self, model: str, ts: float) -> list[Finding]:
+        """The share tests on the pool of new clients' queries; a finding for each new client that made the case.
+
+        The pool is tested against the larger of each signal's floor and the typical established client's
+        rate (averaged, and in the last batch: a drift moves both at once), not the whole population's, which
+        a campaign of many new client ids moves itself; not before ``population_halflife`` queries of
+        established clients have set those rates (at start-up every client is new). Too-central is left out:
+        its calibration allowance is per client window and class.
+        """
+        o = self.opt
+        self.cohort.since_check = 0
+        if self.est_rows < o.population_halflife:
+            return []
+        counts, n = _bit_counts(self.cohort.window_flags()), self.cohort.length
+        reasons: dict[str, float] = {}
+        tests: dict[str, Any] = {}
+        bits = 0
+        for name, bit, floor in self._share_signals():
+            if name == "too_central":
+                continue
+            total = counts[_OOD_KNOWN] if name == "out_of_distribution" else n
+            if total < o.min_queries:
+                continue
+            hits = counts[bit]
+            base = max(floor, self.est_rate.get(name, 0.0), self.est_batch_rate.get(name, 0.0))
+            p = _binom_tail(hits, total, base)
+            share = hits / total
+            large = share >= (o.near_dup_min_share if name == "near_duplicates" else o.min_share) and share >= 2 * base
+            tests[name] = {"count": hits, "of": total, "share": share, "baseline": base, "p": p}
+            if p < o.alpha and large:
+                reasons[name], bits = p, bits | bit
+        if not reasons:
+            return []
+        flags, clients, ids = self.cohort.window()
+        names, which = np.unique(clients.astype(str), return_inverse=True)
+        pooled = np.bincount(which, minlength=len(names))
+        hit = np.bincount(which, weights=(flags & bits) > 0, minlength=len(names)).astype(np.int64)
+        # a client's own pooled queries must make the case too: a benign new client among a campaign's
+        # clients is in the pool with its own few queries, and one unlucky draw of four off the data
+        # among six is not a campaign (the failed signals' largest baseline: the test each must pass)
+        base = max(tests[name]["baseline"] for name in reasons)
+        own_p = bdtrc(hit - 1, pooled, base)
+        named = np.flatnonzero((hit >= o.cohort_min_hits) & (2 * hit >= pooled) & (own_p < o.alpha))
+        findings = []
+        for c in named.tolist():
+            client = str(names[c])
+            s = self.slots.slot_of(client)
+            if s is not None and np.isfinite(self.camp_start[s]):
+                continue  # already in a campaign: raised, here or by its own tests
+            if s is not None:  # its own tests, later, continue this campaign instead of opening another, and
+                # the first of them that fails re-raises it (the same uid) at once: a technique named from a
+                # new client's first few queries is a guess its own window then corrects
+                self.camp_start[s] = self.camp_last_flag[s] = ts
+                self.camp_first_count[s] = self.count[s]
+                self.camp_raised_at[s] = self.count[s] - o.reraise_every
+            attacks, kind = self._classify(s, reasons) if s is not None else probe_pattern.EXTRACTION
+            strength = min(1.0, -math.log10(max(min(reasons.values()), 1e-300)) / 30)
+            evidence = {
+                "cohort": {"pooled_queries": n, "clients": len(names), "named_clients": len(named), **tests},
+                "client_pooled_queries": int(pooled[c]), "client_flagged_queries": int(hit[c]),
+                "client_queries": int(self.count[s]) if s is not None else int(pooled[c]),
+                "queries_at_first_detection": int(self.count[s]) if s is not None else int(pooled[c]),
+                "reasons": {k: float(v) for k, v in reasons.items()}, "pattern": kind,
+            }
+            findings.append(Finding(
+                family="extraction", detector=self.name,
+                title=f"Client {client} is one of {len(named)} new clients whose queries together look like "
+                      f"{kind.replace('_', ' ')}",
+                severity=Severity.HIGH, actor=client, model=model,
+                related_ids=tuple(ids[which == c].tolist()), window=f"{client}:{ts:.3f}", evidence=evidence,
+                attacks=attacks, time_ms=int(ts * 1000), confidence=round(0.5 + 0.5 * strength, 3),
+                message=(f"{client}: {int(hit[c])} of its {int(pooled[c])} queries among the last {n} of "
+                         f"{len(names)} new clients, which together show {', '.join(sorted(reasons))}"),
+                analytic_type="statistical",
+            ))
+        return findings
+
     def _calibration_p(self, s: int, hits: int, test: str) -> float:
         """P(at least ``hits`` too-central, or off-reference, queries in slot s's window) for natural queries.
 
@@ -1204,6 +1331,8 @@ class ExtractionDetector(Detector):
             **{name: getattr(self, name) for name in self._ARRAYS},
             "ids": [self._ordered(self.win_id, s).tolist() for s in range(self._cap)],  # arrival order
             "pop_rate": dict(self.pop_rate), "batch_rate": dict(self.batch_rate),
+            "est_rate": dict(self.est_rate), "est_batch_rate": dict(self.est_batch_rate), "est_rows": self.est_rows,
+            "cohort": self.cohort.state_dict(),
             "findings_raised": self.findings_raised,
         }
 
@@ -1225,6 +1354,12 @@ class ExtractionDetector(Detector):
             self.win_id[s, (int(self.win_pos[s]) - len(q) + np.arange(len(q))) % W] = q
         self.pop_rate.update({k: float(v) for k, v in state["pop_rate"].items()})  # older states lack newer tests
         self.batch_rate = {k: float(v) for k, v in state["batch_rate"].items()}
+        # states from before the pool of new clients have none of it: it starts as at start-up
+        self.est_rate = {k: float(v) for k, v in state.get("est_rate", {}).items()}
+        self.est_batch_rate = {k: float(v) for k, v in state.get("est_batch_rate", {}).items()}
+        self.est_rows = int(state.get("est_rows", 0))
+        if "cohort" in state:
+            self.cohort.load_state_dict(state["cohort"])
         self.findings_raised = int(state["findings_raised"])
 
     @property

@@ -109,6 +109,16 @@ def run(det, data, start: int = 0, stop: int | None = None, size: int = 512):
     return out
 
 
+def run_with_restart(fitted: ExtractionDetector, tmp_path, data, at_batch: int) -> list:
+    """Findings of a detector checkpointed after ``at_batch`` batches and resumed from that checkpoint."""
+    first = fresh_from(fitted, tmp_path)
+    got = run(first, data, stop=at_batch)
+    save_tree(tmp_path / "state.npz", first.state_dict())
+    resumed = fresh_from(fitted, tmp_path)
+    resumed.load_state_dict(load_tree(tmp_path / "state.npz"))
+    return got + run(resumed, data, start=at_batch)
+
+
 @pytest.mark.parametrize("n", [3, 4, 5, 6, 11, 48, 128, 1000])
 def test_shapiro_w_matches_scipy(n: int) -> None:
     rng = np.random.default_rng(n)
@@ -195,12 +205,7 @@ def test_state_round_trip_continues_exactly(fitted: ExtractionDetector, tmp_path
     expected = run(straight, data)
     assert expected, "the scenario must produce findings for this test to mean anything"
 
-    first = fresh_from(fitted, tmp_path)
-    got = run(first, data, stop=5)
-    save_tree(tmp_path / "state.npz", first.state_dict())
-    resumed = fresh_from(fitted, tmp_path)
-    resumed.load_state_dict(load_tree(tmp_path / "state.npz"))
-    got += run(resumed, data, start=5)
+    got = run_with_restart(fitted, tmp_path, data, 5)
     assert [(f.uid, f.related_ids, f.evidence["client_queries"]) for f in got] == \
            [(f.uid, f.related_ids, f.evidence["client_queries"]) for f in expected]
 
@@ -512,3 +517,54 @@ def test_coordinate_search_with_large_steps_is_caught_by_its_few_feature_steps(f
     first = findings[0]
     assert "few_feature_steps" in first.evidence["reasons"] and first.evidence["pattern"] == "black_box_probing"
     assert first.evidence["few_feature_steps"]["share"] > 0.9
+
+
+def sybil_traffic(n_sybils: int = 40, per_sybil: int = 30, seed: int = 0):
+    """Benign digits traffic from 40 clients plus one campaign of uniform-random queries spread over
+    ``n_sybils`` client ids, ``per_sybil`` queries each: every one stays under ``min_queries``."""
+    ds = load("digits")
+    X, c, ts = benign_traffic(ds, 8000, 40, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    xa = rng.uniform(0, 1, (n_sybils * per_sybil, ds.dim)).astype(np.float32)
+    X = np.concatenate([X, xa])
+    ts = np.concatenate([ts, np.sort(rng.uniform(1800, 2700, len(xa)))])
+    clients = [f"tenant-{i}" for i in c] + [f"sybil-{i % n_sybils}" for i in range(len(xa))]
+    order = np.argsort(ts, kind="stable")
+    W = np.random.default_rng(5).normal(size=(ds.dim, 10)).astype(np.float32)
+    logits = X[order] @ W * 3
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    return X[order], ts[order], [clients[i] for i in order], (probs / probs.sum(1, keepdims=True)).astype(np.float32)
+
+
+def test_a_campaign_spread_over_many_new_clients_is_caught_in_their_pool(fitted: ExtractionDetector,
+                                                                         tmp_path) -> None:
+    """Forty client ids of 30 queries each never reach a test of their own (min_queries 48); pooled, their
+    queries are off the data far more often than established clients' are, and each is named. No tenant is,
+    and a checkpoint in between changes nothing."""
+    data = sybil_traffic()
+    alone = run(fresh_from(fitted, tmp_path, cohort_size=0), data)
+    assert not any(f.actor.startswith("sybil") for f in alone), "each id alone is too small to test"
+
+    findings = run(fresh_from(fitted, tmp_path), data)
+    named = {f.actor for f in findings}
+    assert not any(a.startswith("tenant") for a in named), named
+    assert len({a for a in named if a.startswith("sybil")}) >= 36, named
+    f = next(f for f in findings if f.actor.startswith("sybil"))
+    assert f.evidence["cohort"]["off_reference"]["p"] < 1e-5 and "off_reference" in f.evidence["reasons"]
+    assert f.attacks and f.related_ids and all(rid.startswith("req-") for rid in f.related_ids)
+    assert len(findings) == len(named), "one finding per client"
+
+    got = run_with_restart(fitted, tmp_path, data, 12)
+    assert [(f.uid, f.related_ids) for f in got] == [(f.uid, f.related_ids) for f in findings]
+
+
+def test_new_clients_at_start_up_are_not_tested_against_priors(fitted: ExtractionDetector, tmp_path) -> None:
+    """At start-up every client is new and no established client has set the rates the pool is tested
+    against: a stream that begins already off the reference (brightened digits) names no one."""
+    ds = load("digits")
+    X, c, ts = benign_traffic(ds, 3000, 300, seed=4)
+    X = np.clip(0.55 * X + 0.35, 0, 1).astype(np.float32)
+    probs = np.full((len(X), 10), 0.1, np.float32)
+    det = fresh_from(fitted, tmp_path)
+    assert run(det, (X, ts, [f"tenant-{k}" for k in c], probs)) == []
+    assert det.cohort.length > 0 and det.est_rows < det.opt.population_halflife

@@ -282,6 +282,22 @@ def benign_personas(ds: Dataset, oracle: Oracle, budget: int, seed: int) -> list
     ]
 
 
+def sybil_campaigns(ids: int) -> Callable[[Dataset, Oracle, int, int], list[Attack]]:
+    """Three campaigns (JbDA, uniform random, out-of-task pool) of 1,200 queries each, every one spread
+    round-robin over ``ids`` client ids (``jbda-0``, ``jbda-1``, ...): each id sends 1,200 / ids queries over
+    the campaign's 15 minutes, as an attacker holding many API keys would."""
+    def make(ds: Dataset, oracle: Oracle, budget: int, seed: int) -> list[Attack]:
+        rng = np.random.default_rng(seed)
+        scale = 0.1 if ds.name == "digits" else 0.3
+        pool = out_of_task_pool(ds, rng)
+        campaigns = {"jbda": jbda(ds, oracle, 1200, rng, lam=scale),
+                     "random": _clip(ds, rng.uniform(ds.lo, ds.hi, (1200, ds.dim))),
+                     "knockoff": pool[rng.integers(len(pool), size=1200)]}
+        return [Attack(f"{kind}-{i}", X[i::ids], 900, "extraction") for kind, X in campaigns.items()
+                for i in range(ids)]
+    return make
+
+
 def run_dataset(name: str, device: torch.device, quick: bool, seed: int = 0,
                 make_attacks: Callable[[Dataset, Oracle, int, int], list[Attack]] | None = None) -> dict:
     """Benign traffic + every attack variant on one data set, through the detector in time order."""
@@ -320,8 +336,10 @@ def run_dataset(name: str, device: torch.device, quick: bool, seed: int = 0,
     run_s = time.perf_counter() - t_run
 
     first: dict[str, object] = {}
+    latest: dict[str, object] = {}  # a re-raise (same uid) updates what the SOC sees, the technique included
     for f in findings:
         first.setdefault(f.actor, f)
+        latest[f.actor] = f
     benign_clients = {f"tenant-{c}" for c in np.unique(cb)}
     flagged_benign = sorted(c for c in first if c in benign_clients)
     variants = []
@@ -332,8 +350,8 @@ def run_dataset(name: str, device: torch.device, quick: bool, seed: int = 0,
             "dataset": name, "variant": a.variant, "held_out": a.variant not in DEVELOPMENT_VARIANTS,
             "queries": len(a.X), "detected": q is not None and q <= GOAL_QUERIES, "queries_to_detect": q,
             "reasons": None if f is None else sorted(f.evidence["reasons"]),
-            "pattern": None if f is None else f.evidence["pattern"], "expected_pattern": a.expected,
-            "attacks": None if f is None else list(f.attacks),
+            "pattern": None if f is None else latest[f.actor].evidence["pattern"], "expected_pattern": a.expected,
+            "attacks": None if f is None else list(latest[f.actor].attacks),
             # what the attacker learnt by then: exact repeats tell it nothing (and the detector skips them)
             "distinct_queries_to_detect": None if q is None else len(np.unique(a.X[:q], axis=0)),
             "distinct_queries": len(np.unique(a.X, axis=0)),
@@ -387,7 +405,19 @@ if __name__ == "__main__":
     import sys
 
     # python -m agent.scenarios.extraction 0,1 personas: benign client types (benign_personas), which are flagged
+    # python -m agent.scenarios.extraction 0,1 sybils: campaigns spread over 4 to 120 client ids (sybil_campaigns)
     mode = sys.argv[2] if len(sys.argv) > 2 else ""
+    if mode == "sybils":
+        for name in ("digits", "tabular"):
+            for seed in [int(x) for x in sys.argv[1].split(",")]:
+                for ids in (4, 12, 40, 120):
+                    r = run_dataset(name, torch.device("cpu"), False, seed=seed, make_attacks=sybil_campaigns(ids))
+                    named = {kind: sum(v["queries_to_detect"] is not None for v in r["variants"]
+                                       if v["variant"].startswith(kind + "-"))
+                             for kind in ("jbda", "random", "knockoff")}
+                    print(f"{name} seed {seed}, {ids} ids of {1200 // ids} queries: tenants flagged "
+                          f"{len(r['flagged_benign'])}; ids named per campaign: {named}", flush=True)
+        sys.exit(0)
     if mode == "personas":
         for name in ("digits", "tabular", "synthetic", "imbalanced"):
             for seed in [int(x) for x in sys.argv[1].split(",")]:
