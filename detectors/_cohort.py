@@ -23,6 +23,11 @@ class NewClientCohort:
 
     def __init__(self, size: int):
         self.size = size
+        self.clear()
+
+    def clear(self) -> None:
+        """Empty the ring."""
+        size = self.size
         self.flags = np.zeros(size, np.uint8)
         self.clients = np.empty(size, object)
         self.ids = np.empty(size, object)
@@ -58,7 +63,7 @@ class NewClientCohort:
                 "since_check": self.since_check}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.__init__(self.size)  # type: ignore[misc]
+        self.clear()
         flags = np.asarray(state["flags"], np.uint8)
         self.push(flags, np.asarray(list(state["clients"]), object), np.asarray(list(state["ids"]), object))
         self.since_check = int(state["since_check"])

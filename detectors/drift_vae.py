@@ -672,7 +672,7 @@ class DriftVAE(Detector):
         """
         labels, slots = st["labels"], st["label_slots"]
         counts = np.bincount(labels, minlength=k).astype(np.float64)
-        tests = [(labels, slots, self._prior_chi2, self.class_freq, "window")]
+        tests = [(labels, slots, counts, self._prior_chi2, self.class_freq, "window")]
         L = self.opts.label_long_windows
         if L > 0:
             history = np.concatenate([st["window_counts"].reshape(-1, k), counts[None]])
@@ -680,14 +680,14 @@ class DriftVAE(Detector):
             recent_slots = np.concatenate([st["recent_slots"], slots])
             if len(history) >= 3 * L:
                 before = history[-3 * L : -L].sum(0)
-                tests.append((recent_labels, recent_slots, functools.partial(self._prior_two_sample, before),
-                              before / before.sum(), "recent_windows_vs_before"))
+                tests.append((recent_labels, recent_slots, history[-L:].sum(0),
+                              functools.partial(self._prior_two_sample, before), before / before.sum(),
+                              "recent_windows_vs_before"))
             drop = max(0, len(recent_labels) - (L - 1) * self.opts.label_window)  # keep what the next test takes
             st["window_counts"] = history[-(3 * L - 1):]
             st["recent_labels"], st["recent_slots"] = recent_labels[drop:], recent_slots[drop:]
         left_to_clients = False
-        for sample, sample_slots, test, expected_share, name in tests:
-            sample_counts = np.bincount(sample, minlength=k).astype(np.float64)
+        for sample, sample_slots, sample_counts, test, expected_share, name in tests:
             chi2, pval = test(sample_counts)
             if pval >= self.opts.label_p:
                 continue

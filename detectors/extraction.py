@@ -1124,23 +1124,16 @@ class ExtractionDetector(Detector):
         any_large = False
         counts = _bit_counts(flags)
         for name, bit, floor in self._share_signals():
-            total = n
-            if name == "out_of_distribution":
-                total = counts[_OOD_KNOWN]
-                if total < o.min_queries:
-                    continue
-            hits = counts[bit]
-            base = max(floor, self.pop_rate[name], self.batch_rate.get(name, 0.0))
-            p = _binom_tail(hits, total, base)
-            share = hits / total
-            # near-identical queries are common in benign traffic too (retries with sensor noise of
-            # the same input), so that signal needs a larger share than the others
-            large = (share >= (o.near_dup_min_share if name == "near_duplicates" else o.min_share)
-                     and share >= 2 * base)
+            test = self._share_test(name, bit, counts, n, max(floor, self.pop_rate[name],
+                                                              self.batch_rate.get(name, 0.0)))
+            if test is None:
+                continue
+            entry, large = test
+            p = entry["p"]
             if name in ("too_central", "off_reference") and p < o.alpha and large:
                 # also surprising against the reference, given how few held-out rows set each radius
-                p = max(p, self._calibration_p(s, hits, name))
-            evidence[name] = {"count": hits, "of": total, "share": share, "baseline": base, "p": p}
+                p = entry["p"] = max(p, self._calibration_p(s, entry["count"], name))
+            evidence[name] = entry
             if p < o.alpha and large:
                 reasons[name] = p
             if name == "too_central":  # points the other way from the rest (blends, not synthetic or
@@ -1199,6 +1192,25 @@ class ExtractionDetector(Detector):
             analytic_type="statistical",
         )
 
+    def _share_test(self, name: str, bit: int, counts: dict[int, int], n: int, base: float
+                    ) -> tuple[dict[str, Any], bool] | None:
+        """One share test on the flag ``counts`` of ``n`` queries against the benign rate ``base``: its evidence
+        (count, of, share, baseline, binomial p) and whether the share is large enough to count; None when
+        too few of the queries carry a drift_vae p-value for the out-of-distribution share."""
+        o = self.opt
+        total = n
+        if name == "out_of_distribution":
+            total = counts[_OOD_KNOWN]
+            if total < o.min_queries:
+                return None
+        hits = counts[bit]
+        share = hits / total
+        # near-identical queries are common in benign traffic too (retries with sensor noise of
+        # the same input), so that signal needs a larger share than the others
+        large = share >= (o.near_dup_min_share if name == "near_duplicates" else o.min_share) and share >= 2 * base
+        p = _binom_tail(hits, total, base)
+        return {"count": hits, "of": total, "share": share, "baseline": base, "p": p}, large
+
     def _check_cohort(self, model: str, ts: float) -> list[Finding]:
         """The share tests on the pool of new clients' queries; a finding for each new client that made the case.
 
@@ -1219,17 +1231,13 @@ class ExtractionDetector(Detector):
         for name, bit, floor in self._share_signals():
             if name == "too_central":
                 continue
-            total = counts[_OOD_KNOWN] if name == "out_of_distribution" else n
-            if total < o.min_queries:
+            test = self._share_test(name, bit, counts, n, max(floor, self.est_rate.get(name, 0.0),
+                                                              self.est_batch_rate.get(name, 0.0)))
+            if test is None:
                 continue
-            hits = counts[bit]
-            base = max(floor, self.est_rate.get(name, 0.0), self.est_batch_rate.get(name, 0.0))
-            p = _binom_tail(hits, total, base)
-            share = hits / total
-            large = share >= (o.near_dup_min_share if name == "near_duplicates" else o.min_share) and share >= 2 * base
-            tests[name] = {"count": hits, "of": total, "share": share, "baseline": base, "p": p}
-            if p < o.alpha and large:
-                reasons[name], bits = p, bits | bit
+            tests[name], large = test
+            if tests[name]["p"] < o.alpha and large:
+                reasons[name], bits = tests[name]["p"], bits | bit
         if not reasons:
             return []
         flags, clients, ids = self.cohort.window()
