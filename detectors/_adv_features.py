@@ -162,6 +162,9 @@ class FeatureExtractor:
         # largest thing this detector computes, and each elementwise pass over it is a large share of its time
         self.knn_kernel = (2.0 / spec.knn_tau) * self.knn_points.T.contiguous()
         self.knn_bias = -self.knn_points.pow(2).sum(1) / spec.knn_tau
+        # the vote's class sums as [k x neighbours] times the weights' transpose: the product with the
+        # [neighbours x k] one-hot the other way round ran 3-4x slower on CPU (a skinny output, a long inner loop)
+        self.knn_onehot_t = self.knn_onehot.T.contiguous()
         self.whitening = t(spec.whitening)
         self.hidden_whitening, self.hidden_means = t(spec.hidden_whitening), t(spec.hidden_means)
 
@@ -218,7 +221,9 @@ class FeatureExtractor:
             variants.append((self.mean + projected * self.std).clamp(self.lo, self.hi))
         # one model call over all variants: a single large matmul per layer beats several small ones
         logits_all, hidden_all = self.forward(torch.cat(variants))
-        probs_all = torch.softmax(logits_all.float(), dim=1)
+        # softmax over the class axis of the transpose: along a long contiguous axis it vectorises; over ten
+        # classes per row it cost several times more (measured on CPU, [1024 x 10])
+        probs_all = torch.softmax(logits_all.float().T, dim=0).T
         logits, p = logits_all[:n].float(), probs_all[:n]
         pr = probs_all[-n:] if self.spec.reformer else p
         pa = probs_all[n : 2 * n] if self.spec.first_squeezer else p
@@ -236,8 +241,9 @@ class FeatureExtractor:
         pn_mean = pn.mean(0)
         xk = x / self.knn_scale
         kernel = torch.addmm(self.knn_bias, xk, self.knn_kernel)  # -d2/tau + |xk|^2/tau
-        vote = torch.softmax(kernel, dim=1) @ self.knn_onehot
-        d2_min = (xk.pow(2).sum(1) - self.spec.knn_tau * kernel.max(1).values).clamp_min(0)
+        vote = self.knn_onehot_t @ torch.softmax(kernel, dim=1).T  # [k, n]
+        # amax, not max(): max also computes the argmax, which cost six times as much over this matrix
+        d2_min = (xk.pow(2).sum(1) - self.spec.knn_tau * kernel.amax(1)).clamp_min(0)
         hidden_maha, hidden_gap = self._hidden(hidden_all, pred, n)
         feats = [
             torch.log(1 - answer.max(1).values + 1e-6),
@@ -249,7 +255,7 @@ class FeatureExtractor:
             torch.log1p(maha),
             torch.log1p(resid.pow(2).sum(1)),
             -(answer * torch.log(answer + 1e-12)).sum(1),
-            vote.gather(1, pred[:, None])[:, 0],
+            vote.gather(0, pred[None, :])[0],
             0.5 * torch.log(d2_min + 1e-6 * self.spec.knn_tau),
             torch.log1p((xs @ self.whitening).pow(2).sum(1)),
             torch.log(top2[:, 0] - top2[:, 1] + 1e-3),
