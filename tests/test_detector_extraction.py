@@ -210,6 +210,22 @@ def test_state_round_trip_continues_exactly(fitted: ExtractionDetector, tmp_path
            [(f.uid, f.related_ids, f.evidence["client_queries"]) for f in expected]
 
 
+def test_checkpoints_keep_the_history_entry_major(fitted: ExtractionDetector, tmp_path) -> None:
+    """In memory the history rings are feature-major (for ``_ring_dots``); checkpoints keep them as [slot, entry,
+    feature], as every earlier version wrote them, so older checkpoints load and newer ones read back right."""
+    X, ts, clients, probs = traffic(n_benign=1500, n_clients=20, attack=None)
+    det = fresh_from(fitted, tmp_path)
+    run(det, (X, ts, clients, probs))
+    state = det.state_dict()
+    last_query = {c: X[i] for i, c in enumerate(clients)}
+    for client, x in last_query.items():
+        s = det.slots.slot_of(client)
+        np.testing.assert_array_equal(state["hist"][s, (det.hist_pos[s] - 1) % det.opt.history], x)
+    again = fresh_from(fitted, tmp_path)
+    again.load_state_dict(state)
+    np.testing.assert_array_equal(again.hist.numpy(), det.hist.numpy())
+
+
 def test_eviction_is_bounded_and_counted(fitted: ExtractionDetector, tmp_path) -> None:
     det = fresh_from(fitted, tmp_path, max_clients=8)
     run(det, traffic(n_benign=3000, n_clients=40, attack=None))
