@@ -239,11 +239,7 @@ class FeatureExtractor:
         maha = ((diff @ self.logit_prec) * diff).sum(1)
         resid = xs - projected
         pn_mean = pn.mean(0)
-        xk = x / self.knn_scale
-        kernel = torch.addmm(self.knn_bias, xk, self.knn_kernel)  # -d2/tau + |xk|^2/tau
-        vote = self.knn_onehot_t @ torch.softmax(kernel, dim=1).T  # [k, n]
-        # amax, not max(): max also computes the argmax, which cost six times as much over this matrix
-        d2_min = (xk.pow(2).sum(1) - self.spec.knn_tau * kernel.amax(1)).clamp_min(0)
+        vote, d2_min = self._neighbours(x / self.knn_scale)
         hidden_maha, hidden_gap = self._hidden(hidden_all, pred, n)
         feats = [
             torch.log(1 - answer.max(1).values + 1e-6),
@@ -255,7 +251,7 @@ class FeatureExtractor:
             torch.log1p(maha),
             torch.log1p(resid.pow(2).sum(1)),
             -(answer * torch.log(answer + 1e-12)).sum(1),
-            vote.gather(0, pred[None, :])[0],
+            vote.gather(1, pred[:, None])[:, 0],
             0.5 * torch.log(d2_min + 1e-6 * self.spec.knn_tau),
             torch.log1p((xs @ self.whitening).pow(2).sum(1)),
             torch.log(top2[:, 0] - top2[:, 1] + 1e-3),
@@ -265,6 +261,26 @@ class FeatureExtractor:
             pr.gather(1, pred[:, None])[:, 0],
         ]
         return torch.stack(feats[: self.spec.n_features], dim=1), feats[1]
+
+    def _neighbours(self, xk: torch.Tensor, chunk_elements: int = 1 << 16) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kernel-weighted class vote of the reference neighbours [n, k] and the squared distance to the
+        nearest one [n], for inputs already divided by ``knn_scale``.
+
+        In chunks of rows whose [rows x neighbours] kernel stays within ``chunk_elements`` floats (256 KB):
+        the product, softmax, vote and max each pass over that matrix, and a whole batch's (1.3 MB at 512 x
+        628) went out of the core's cache between passes.
+        """
+        step = max(1, chunk_elements // max(self.knn_kernel.shape[1], 1))
+        votes, d2s = [], []
+        for i in range(0, len(xk), step):
+            part = xk[i : i + step]
+            kernel = torch.addmm(self.knn_bias, part, self.knn_kernel)  # -d2/tau + |xk|^2/tau
+            votes.append((self.knn_onehot_t @ torch.softmax(kernel, dim=1).T).T)
+            # amax, not max(): max also computes the argmax, which cost six times as much over this matrix
+            d2s.append((part.pow(2).sum(1) - self.spec.knn_tau * kernel.amax(1)).clamp_min(0))
+        if len(votes) == 1:
+            return votes[0], d2s[0]
+        return torch.cat(votes), torch.cat(d2s)
 
     def _hidden(self, hidden_all: torch.Tensor | None, pred: torch.Tensor, n: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
