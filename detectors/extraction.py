@@ -653,6 +653,9 @@ class ExtractionDetector(Detector):
         self.hist_len = np.zeros(0, np.int64)
         self.hist_rep = np.zeros((0, self.opt.history), bool)  # entry repeats an earlier query exactly
         self.hist_pos = np.zeros(0, np.int64)
+        # per slot, the ring's newest entry (NaN: none) as a contiguous row: read for every row of every batch,
+        # where a gather from the feature-major ring would touch a cache line per feature
+        self.last_query = np.zeros((0, 0), np.float32)
         self.win_dist = np.zeros((0, self.opt.window), np.float32)
         self.win_flags = np.zeros((0, self.opt.window), np.uint8)
         self.win_label = np.zeros((0, self.opt.window), np.int16)
@@ -697,6 +700,7 @@ class ExtractionDetector(Detector):
         if self._dim is None:
             self._dim = dim
             self.hist = torch.zeros((0, dim, self.opt.history), device=self.context.device)
+            self.last_query = np.full((self._cap, dim), np.nan, np.float32)
         elif dim != self._dim:
             raise ValueError(f"extraction: input has {dim} features but earlier records had {self._dim}; "
                              "records of different models must go to separate detector instances")
@@ -720,6 +724,7 @@ class ExtractionDetector(Detector):
             setattr(self, name, pad(getattr(self, name)))
         self.win_dist = pad(self.win_dist, np.nan)
         self.hist_rep = pad(self.hist_rep)
+        self.last_query = pad(self.last_query, np.nan)
         self.win_flags = pad(self.win_flags)
         self.win_label = pad(self.win_label, -1)
         if self._k is not None:
@@ -737,6 +742,7 @@ class ExtractionDetector(Detector):
         self.hist_rep[f] = False
         self.hist_sq[torch.as_tensor(f, device=self.context.device)] = float("inf")
         self.hist_pos[f] = 0
+        self.last_query[f] = np.nan
         self.win_pos[f] = 0
         self.win_len[f] = 0
         self.count[f] = 0
@@ -814,7 +820,7 @@ class ExtractionDetector(Detector):
                              np.asarray(batch.ids, object)[pooled])
 
         # 3. scatter into the per-client rings (history: every query; window: non-repeats only)
-        self._push_history(x, x_sq, slots, is_repeat)
+        self._push_history(x, x_sq, slots, is_repeat, batch.X)
         np.add.at(self.count, slots, 1)
         inf_rows = np.flatnonzero(informative)
         if len(inf_rows):
@@ -1022,24 +1028,20 @@ class ExtractionDetector(Detector):
         xs = np.asarray(X, np.float32)[order]
         prev = np.roll(xs, 1, axis=0)
         first = np.r_[True, s_sorted[1:] != s_sorted[:-1]]
-        heads = s_sorted[first]
-        have = self.hist_len[heads] > 0
-        ring_last = np.full((len(heads), xs.shape[1]), np.nan, np.float32)
-        if have.any():
-            pos = (self.hist_pos[heads[have]] - 1) % self.opt.history
-            ring_last[have] = self.hist[torch.as_tensor(heads[have], device=self.hist.device), :,
-                                        torch.as_tensor(pos, device=self.hist.device)].cpu().numpy()
-        prev[first] = ring_last
+        prev[first] = self.last_query[s_sorted[first]]
         few, near = np.zeros(len(slots), bool), np.zeros(len(slots), bool)
         few[order] = probe_pattern.few_changed(xs, prev)
         with np.errstate(invalid="ignore"):  # NaN rows: no previous query
             near[order] = np.linalg.norm(xs - prev, axis=1) <= self.dup_radius
         return few, near
 
-    def _push_history(self, x: torch.Tensor, x_sq: torch.Tensor, slots: np.ndarray, is_repeat: np.ndarray) -> None:
+    def _push_history(self, x: torch.Tensor, x_sq: torch.Tensor, slots: np.ndarray, is_repeat: np.ndarray,
+                      X: np.ndarray) -> None:
         H = self.opt.history
         ranks = group_ranks(slots)
         per_slot = np.bincount(slots, minlength=self._cap)
+        newest = np.flatnonzero(ranks == per_slot[slots] - 1)
+        self.last_query[slots[newest]] = np.asarray(X, np.float32)[newest]
         keep = ranks >= per_slot[slots] - H  # only the last H rows of a client matter
         rows = np.flatnonzero(keep)
         pos = (self.hist_pos[slots[rows]] + ranks[rows]) % H
@@ -1109,7 +1111,10 @@ class ExtractionDetector(Detector):
         spread = None
         if len(distinct) >= o.min_queries:
             if self.hist.device.type == "cpu":  # a numpy view: no per-call torch dispatch on the hot path
-                cols = self.hist.numpy()[s][:, distinct].astype(np.float64)  # [d, k]: the queries as columns
+                cols = self.hist.numpy()[s]  # [d, history]: the queries as columns
+                if len(distinct) < cols.shape[1]:  # a full ring of distinct queries is used as it is, no gather
+                    cols = cols[:, distinct]
+                cols = cols.astype(np.float64)
                 k = cols.shape[1]  # sum / k is what .mean() computes, without its Python-level overhead
                 centred = cols - cols.sum(1, keepdims=True) / k
                 spread = math.sqrt(float(np.vdot(centred, centred)) / k)
@@ -1128,9 +1133,13 @@ class ExtractionDetector(Detector):
         pvalues: dict[str, float] = {}
         any_large = False
         counts = _bit_counts(flags)
-        for name, bit, floor in self._share_signals():
-            test = self._share_test(name, bit, counts, n, max(floor, self.pop_rate[name],
-                                                              self.batch_rate.get(name, 0.0)))
+        signals = [(name, bit, max(floor, self.pop_rate[name], self.batch_rate.get(name, 0.0)))
+                   for name, bit, floor in self._share_signals()]
+        if not reasons and not any(self._large(name, share, base) for name, bit, base in signals
+                                   if (share := self._share(name, bit, counts, n)) is not None):
+            signals = []  # no share large enough to count: no share test nor their combination can fire
+        for name, bit, base in signals:
+            test = self._share_test(name, bit, counts, n, base)
             if test is None:
                 continue
             entry, large = test
@@ -1202,19 +1211,29 @@ class ExtractionDetector(Detector):
         """One share test on the flag ``counts`` of ``n`` queries against the benign rate ``base``: its evidence
         (count, of, share, baseline, binomial p) and whether the share is large enough to count; None when
         too few of the queries carry a drift_vae p-value for the out-of-distribution share."""
-        o = self.opt
+        share = self._share(name, bit, counts, n)
+        if share is None:
+            return None
+        total, hits = counts[_OOD_KNOWN] if name == "out_of_distribution" else n, counts[bit]
+        return ({"count": hits, "of": total, "share": share, "baseline": base, "p": _binom_tail(hits, total, base)},
+                self._large(name, share, base))
+
+    def _share(self, name: str, bit: int, counts: dict[int, int], n: int) -> float | None:
+        """The share of ``n`` queries with ``bit`` set (of those with a drift_vae p-value, for the
+        out-of-distribution share); None when fewer than ``min_queries`` have one."""
         total = n
         if name == "out_of_distribution":
             total = counts[_OOD_KNOWN]
-            if total < o.min_queries:
+            if total < self.opt.min_queries:
                 return None
-        hits = counts[bit]
-        share = hits / total
-        # near-identical queries are common in benign traffic too (retries with sensor noise of
-        # the same input), so that signal needs a larger share than the others
-        large = share >= (o.near_dup_min_share if name == "near_duplicates" else o.min_share) and share >= 2 * base
-        p = _binom_tail(hits, total, base)
-        return {"count": hits, "of": total, "share": share, "baseline": base, "p": p}, large
+        return counts[bit] / total
+
+    def _large(self, name: str, share: float, base: float) -> bool:
+        """Whether a share is large enough to count: at least twice the benign ``base`` and at least the
+        signal's minimum share. Near-identical queries are common in benign traffic too (retries with sensor
+        noise of the same input), so that signal needs a larger share than the others."""
+        o = self.opt
+        return share >= (o.near_dup_min_share if name == "near_duplicates" else o.min_share) and share >= 2 * base
 
     def _check_cohort(self, model: str, ts: float) -> list[Finding]:
         """The share tests on the pool of new clients' queries; a finding for each new client that made the case.
@@ -1361,6 +1380,9 @@ class ExtractionDetector(Detector):
         self.hist_sq = torch.as_tensor(np.asarray(state["hist_sq"], np.float32), device=dev).clone()
         for name in self._ARRAYS:
             setattr(self, name, np.array(state[name]))
+        self.last_query = np.full((self._cap, self._dim or 0), np.nan, np.float32)
+        filled = np.flatnonzero(self.hist_len > 0)
+        self.last_query[filled] = self.hist.cpu().numpy()[filled, :, (self.hist_pos[filled] - 1) % self.opt.history]
         W = self.opt.window
         self.win_id = np.empty((self._cap, W), object)
         for s, q in enumerate(state["ids"]):
