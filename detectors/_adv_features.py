@@ -242,7 +242,7 @@ class FeatureExtractor:
         vote, d2_min = self._neighbours(x / self.knn_scale)
         hidden_maha, hidden_gap = self._hidden(hidden_all, pred, n)
         feats = [
-            torch.log(1 - answer.max(1).values + 1e-6),
+            torch.log(1 - answer.amax(1) + 1e-6),
             top2[:, 0] - top2[:, 1],
             (p - pa).abs().sum(1),
             (p - pb).abs().sum(1),
@@ -292,7 +292,7 @@ class FeatureExtractor:
         d2 = (hw.pow(2).sum(1, keepdim=True) - 2 * hw @ self.hidden_means.T
               + self.hidden_means.pow(2).sum(1)).clamp_min(0)  # [n, k] squared Mahalanobis to every class mean
         own = d2.gather(1, pred[:, None])[:, 0]
-        return torch.log1p(own), torch.log1p(own - d2.min(1).values)
+        return torch.log1p(own), torch.log1p(own - d2.amin(1))
 
 
 def fit_spec(X: np.ndarray, input_shape: tuple[int, ...], forward: Forward, device: torch.device, n_noise: int,

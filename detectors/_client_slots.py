@@ -75,9 +75,6 @@ class ClientSlots:
         """The client's slot, None when it is not tracked (never seen, or evicted); does not touch the LRU order."""
         return self._slot_of.get(client)
 
-    def client_of(self) -> dict[int, str]:
-        return {slot: client for client, slot in self._slot_of.items()}
-
     def state_dict(self) -> dict:
         return {
             "clients": list(self._slot_of.keys()),

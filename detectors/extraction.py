@@ -831,10 +831,9 @@ class ExtractionDetector(Detector):
         due = np.flatnonzero(self.informative[present] >= self.next_check[present])
         due = due[np.argsort(first_row[due])]
         findings: list[Finding] = []
-        client_of = self.slots.client_of() if len(due) else {}
         for s, i in zip(present[due].tolist(), last_row[due].tolist()):
             self.next_check[s] = self.informative[s] + o.check_every
-            f = self._check(s, client_of[s], batch.models[i], float(batch.ts[i]))
+            f = self._check(s, batch.clients[i], batch.models[i], float(batch.ts[i]))  # row i is slot s's
             if f is not None:
                 findings.append(f)
         if o.cohort_size and self.cohort.since_check >= o.cohort_check_every and self.cohort.length >= o.min_queries:
@@ -923,14 +922,14 @@ class ExtractionDetector(Detector):
         distance is taken to the nearest candidate it does not repeat (+inf
         when there is none).
 
-        Why it is shaped like this (the hot path of the whole agent): rows are
-        grouped by client (batch order kept within a group) and groups padded
-        to the next power of two, so each group width costs one batched
-        product of the group's rows with its client's ring and with each
-        other. A batch of n rows from c clients then gathers c rings, not n,
-        and compares about sum(size^2) row pairs, not the n^2 of a Gram
-        matrix that is nearly all masked out when a batch holds hundreds of
-        clients (both grew with the batch: 2,048-row polls cost 3x per record).
+        Why it is shaped like this (the hot path of the whole agent): every
+        row's distances to its client's ring come from one embedding bag over
+        the whole batch (see ``_ring_dots``). For the earlier rows of the same
+        client, rows are grouped by client (batch order kept within a group)
+        and groups padded to the next power of two, one batched product per
+        group width: about sum(size^2) row pairs, not the n^2 of a Gram matrix
+        that is nearly all masked out when a batch holds hundreds of clients
+        (it grew with the batch: 2,048-row polls cost 3x per record).
         """
         n, dev, inf = len(slots), self.context.device, float("inf")
         # the float32 norm expansion loses ~1e-7 relative precision on |x|^2, so it cannot tell a repeat from a
