@@ -609,3 +609,20 @@ def test_cross_fitting_keeps_every_detector_split_sharp_on_linf_attacks() -> Non
         assert row["fpr"] <= 0.02, row
         assert row["fgsm"] >= 0.95 and row["pgd_linf"] >= 0.95, row
         assert row["deepfool"] >= 0.9 and row["cw_l2 (held out)"] >= 0.9, row
+
+
+def test_neighbour_features_do_not_depend_on_the_chunking(digits, model, artifacts, pgd) -> None:
+    """The kNN vote and distance are computed in chunks of rows that fit the cache; any chunk size, down to one
+    row, gives what one pass over the whole batch gives, and the vote stays differentiable (adaptive attacks)."""
+    det = fitted(digits, model, artifacts)
+    ext = det.extractor()
+    xk = torch.as_tensor(np.concatenate([digits.X_test[:300], pgd[:200]])) / ext.knn_scale
+    whole_vote, whole_d2 = ext._neighbours(xk, chunk_elements=1 << 40)
+    for chunk in (1, 7 * ext.knn_kernel.shape[1], 1 << 16):
+        vote, d2 = ext._neighbours(xk, chunk_elements=chunk)
+        torch.testing.assert_close(vote, whole_vote, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(d2, whole_d2, rtol=1e-4, atol=1e-4)  # |x|^2 - tau * max: float32 cancellation
+    np.testing.assert_allclose(whole_vote.sum(1).numpy(), 1.0, rtol=1e-5)  # a distribution over classes
+    x = xk[:20].clone().requires_grad_(True)
+    ext._neighbours(x, chunk_elements=3 * ext.knn_kernel.shape[1])[0][:, 0].sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
