@@ -593,9 +593,7 @@ class DriftVAE(Detector):
 
     def _prior_chi2(self, counts: np.ndarray) -> tuple[float, float]:
         """Chi-square of one window's class counts against the reference frequencies, taken as known."""
-        expected = self.class_freq * counts.sum()
-        chi2 = float(((counts - expected) ** 2 / expected).sum())
-        return chi2, float(chdtrc(len(counts) - 1, chi2))  # = chi2.sf(chi2, df=k - 1)
+        return _pearson(counts, self.class_freq * counts.sum(), len(counts) - 1)
 
     @staticmethod
     def _prior_two_sample(before: np.ndarray, counts: np.ndarray) -> tuple[float, float]:
@@ -608,8 +606,7 @@ class DriftVAE(Detector):
         # scipy.stats.chi2_contingency(table, correction=False), without its 0.5 ms of wrappers a call (it
         # ran once per 300 records and cost this detector a quarter of its throughput); a test checks both agree
         expected = table.sum(1, keepdims=True) * table.sum(0, keepdims=True) / table.sum()
-        chi2 = float(((table - expected) ** 2 / expected).sum())
-        return chi2, float(chdtrc(table.shape[1] - 1, chi2))
+        return _pearson(table, expected, table.shape[1] - 1)
 
     def _few_clients_explain(self, st: dict[str, Any], z: np.ndarray, n_fit: int) -> bool:
         """Whether the window's mean shift vanishes once the clients pushing it most are left out.
@@ -797,6 +794,13 @@ def _mean_window(dim: int) -> dict[str, Any]:
 def _label_window() -> dict[str, Any]:
     """An empty window of the class-prior test: its predicted labels and their clients' slots."""
     return {"labels": np.zeros(0, np.int64), "label_slots": np.zeros(0, np.int64)}
+
+
+def _pearson(observed: np.ndarray, expected: np.ndarray, df: int) -> tuple[float, float]:
+    """Pearson's chi-square statistic of observed against expected counts, and its p-value at ``df`` degrees of
+    freedom (= scipy.stats.chi2.sf(chi2, df))."""
+    chi2 = float(((observed - expected) ** 2 / expected).sum())
+    return chi2, float(chdtrc(df, chi2))
 
 
 def _recent_windows() -> dict[str, Any]:

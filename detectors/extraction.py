@@ -1134,8 +1134,8 @@ class ExtractionDetector(Detector):
         counts = _bit_counts(flags)
         signals = [(name, bit, max(floor, self.pop_rate[name], self.batch_rate.get(name, 0.0)))
                    for name, bit, floor in self._share_signals()]
-        if not reasons and not any(self._large(name, share, base) for name, bit, base in signals
-                                   if (share := self._share(name, bit, counts, n)) is not None):
+        if not reasons and not any(self._large(name, of[0] / of[1], base) for name, bit, base in signals
+                                   if (of := self._hits_of(name, bit, counts, n)) is not None):
             signals = []  # no share large enough to count: no share test nor their combination can fire
         for name, bit, base in signals:
             test = self._share_test(name, bit, counts, n, base)
@@ -1210,22 +1210,23 @@ class ExtractionDetector(Detector):
         """One share test on the flag ``counts`` of ``n`` queries against the benign rate ``base``: its evidence
         (count, of, share, baseline, binomial p) and whether the share is large enough to count; None when
         too few of the queries carry a drift_vae p-value for the out-of-distribution share."""
-        share = self._share(name, bit, counts, n)
-        if share is None:
+        of = self._hits_of(name, bit, counts, n)
+        if of is None:
             return None
-        total, hits = counts[_OOD_KNOWN] if name == "out_of_distribution" else n, counts[bit]
+        hits, total = of
+        share = hits / total
         return ({"count": hits, "of": total, "share": share, "baseline": base, "p": _binom_tail(hits, total, base)},
                 self._large(name, share, base))
 
-    def _share(self, name: str, bit: int, counts: dict[int, int], n: int) -> float | None:
-        """The share of ``n`` queries with ``bit`` set (of those with a drift_vae p-value, for the
-        out-of-distribution share); None when fewer than ``min_queries`` have one."""
+    def _hits_of(self, name: str, bit: int, counts: dict[int, int], n: int) -> tuple[int, int] | None:
+        """(queries with ``bit`` set, queries it is a share of): of ``n``, or of those with a drift_vae p-value
+        for the out-of-distribution share; None when fewer than ``min_queries`` have one."""
         total = n
         if name == "out_of_distribution":
             total = counts[_OOD_KNOWN]
             if total < self.opt.min_queries:
                 return None
-        return counts[bit] / total
+        return counts[bit], total
 
     def _large(self, name: str, share: float, base: float) -> bool:
         """Whether a share is large enough to count: at least twice the benign ``base`` and at least the
