@@ -31,9 +31,11 @@ by the new version (near-duplicates it answered differently first).
 
 from __future__ import annotations
 
-import hashlib
+import functools
+import logging
 import math
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from itertools import repeat
 from typing import Any, ClassVar
 
 import numpy as np
@@ -48,6 +50,9 @@ from detectors.base import Detector, DetectorContext, DetectorOptions
 
 CONF_BINS = 20
 UNKNOWN_VERSION = ""
+CELL_HASH = "linear64"  # how checkpointed input cells were hashed (before this marker: blake2b, now dropped)
+
+log = logging.getLogger(__name__)
 
 
 class _VersionStats:
@@ -152,14 +157,18 @@ class ModelVersionDetector(Detector):
             self.ref_conf = np.asarray(tree["ref_conf"], np.int64)
 
     # ------------------------------------------------------------------ update
-    def _cells(self, X: np.ndarray) -> list[int]:
+    def _cells(self, X: np.ndarray) -> np.ndarray:
+        """The input cell of each row, hashed to 64 bits (uint64 [n]).
+
+        Why a linear hash: a cryptographic hash per row (blake2b, before) cost
+        about as much as the rest of this detector together, in a Python loop.
+        Two distinct cells collide only when ``sum((q - q') * M) = 0 mod 2^64``
+        for the fixed random odd multipliers ``M``: for cells that differ by
+        small integers, as grid cells do, about once in 2^33 pairs at worst.
+        """
         step = self.step if self.step is not None else np.full(X.shape[1], 0.1 * self.opt.dup_grid)
-        q = np.ascontiguousarray(np.round(X / step).astype(np.int32))
-        # the same bytes per row as row.tobytes(), sliced from one buffer: no numpy view per row
-        buf, width = memoryview(q.tobytes()), q.shape[1] * q.itemsize
-        blake2b, from_bytes = hashlib.blake2b, int.from_bytes
-        return [from_bytes(blake2b(buf[i * width : (i + 1) * width], digest_size=8).digest(), "little")
-                for i in range(len(q))]
+        q = np.round(X / step).astype(np.int64).view(np.uint64)  # negative cells wrap, as the sum does
+        return (q * _cell_multipliers(q.shape[1])).sum(1, dtype=np.uint64)
 
     def _model_state(self, model: str) -> dict[str, Any]:
         state = self.models.get(model)
@@ -184,15 +193,20 @@ class ModelVersionDetector(Detector):
             conf[~np.isfinite(conf)] = np.nan
         cells = self._cells(np.asarray(batch.X, np.float64))
         findings: list[Finding] = []
-        groups: dict[tuple[str, str], list[int]] = {}
-        for i, (m, v) in enumerate(zip(batch.models, batch.model_versions)):
-            groups.setdefault((m, v if v is not None else UNKNOWN_VERSION), []).append(i)
+        models, versions, n = batch.models, batch.model_versions, len(batch)
+        if models.count(models[0]) == n and versions.count(versions[0]) == n:  # the usual batch: one of each
+            groups = {(models[0], UNKNOWN_VERSION if versions[0] is None else versions[0]): np.arange(n)}
+        else:
+            rows_of: dict[tuple[str, str], list[int]] = {}
+            for i, (m, v) in enumerate(zip(models, versions)):
+                rows_of.setdefault((m, UNKNOWN_VERSION if v is None else v), []).append(i)
+            groups = {key: np.asarray(rows) for key, rows in rows_of.items()}
         for (model, version), rows in groups.items():
             findings += self._absorb(model, version, batch, rows, labels, conf, cells)
         return findings
 
-    def _absorb(self, model: str, version: str, batch: InferenceBatch, rows: list[int], labels: np.ndarray,
-                conf: np.ndarray, cells: list[int]) -> list[Finding]:
+    def _absorb(self, model: str, version: str, batch: InferenceBatch, rows: np.ndarray, labels: np.ndarray,
+                conf: np.ndarray, cells: np.ndarray) -> list[Finding]:
         o = self.opt
         state = self._model_state(model)
         versions: OrderedDict[str, _VersionStats] = state["versions"]
@@ -221,30 +235,18 @@ class ModelVersionDetector(Detector):
         st.last_ts = max(st.last_ts, float(batch.ts[rows].max()))
         room = o.max_ids - len(st.ids)
         if room > 0:
-            st.ids += [batch.ids[i] for i in rows[:room]]
-        # near-duplicates: this version's answers against its partner's remembered answers for the same cell
+            st.ids += [batch.ids[i] for i in rows[:room].tolist()]
+        # near-duplicates: this version's answers against its partners' remembered answers for the same cell
+        # (a partner's cells do not change while this version's rows are absorbed, so all rows look at once)
+        answered = rows[lab >= 0]
+        hashes, labs = cells[answered].tolist(), labels[answered]
         comp = state["comparisons"].get(version)
-        partner_of_new = [(nv, cp) for nv, cp in state["comparisons"].items() if cp["previous"] == version]
-        labs = labels.tolist()  # Python ints: this loop runs per record
-        keys = st.keys
-        for i in rows:
-            label = labs[i]
-            if label < 0:
-                continue
-            h = cells[i]
-            if comp is not None and comp["previous"] in versions:
-                other = versions[comp["previous"]].keys.get(h)
-                if other is not None:
-                    self._pair(comp, other != label, batch.ids[i])
-            for nv, cp in partner_of_new:
-                if nv in versions:
-                    other = versions[nv].keys.get(h)
-                    if other is not None:
-                        self._pair(cp, other != label, None)
-            keys[h] = label
-            keys.move_to_end(h)
-            if len(keys) > o.max_keys:
-                keys.popitem(last=False)
+        if comp is not None and comp["previous"] in versions:
+            self._pairs(comp, versions[comp["previous"]].keys, hashes, labs, [batch.ids[i] for i in answered])
+        for new_version, cp in state["comparisons"].items():
+            if cp["previous"] == version and new_version in versions:
+                self._pairs(cp, versions[new_version].keys, hashes, labs, None)
+        _remember(st.keys, hashes, labs, o.max_keys)
         findings = []
         for new_version, cp in list(state["comparisons"].items()):
             if cp["raised"] or new_version not in versions:
@@ -258,12 +260,18 @@ class ModelVersionDetector(Detector):
                     findings.append(f)
         return findings
 
-    def _pair(self, comp: dict[str, Any], disagree: bool, rid: str | None) -> None:
-        comp["pairs"] += 1
-        if disagree:
-            comp["disagree"] += 1
-            if rid is not None and len(comp["dis_ids"]) < self.opt.max_ids:
-                comp["dis_ids"].append(rid)
+    def _pairs(self, comp: dict[str, Any], partner: OrderedDict[int, int], hashes: list[int], labels: np.ndarray,
+               ids: list[str] | None) -> None:
+        """Count the rows whose cell the partner version answered, and those it answered differently
+        (naming them, with ``ids``, up to ``max_ids``)."""
+        other = np.fromiter(map(partner.get, hashes, repeat(-1)), np.int64, len(hashes))
+        paired = other >= 0
+        differ = paired & (other != labels)
+        comp["pairs"] += int(paired.sum())
+        comp["disagree"] += int(differ.sum())
+        room = self.opt.max_ids - len(comp["dis_ids"])
+        if ids is not None and room > 0:
+            comp["dis_ids"] += [ids[j] for j in np.flatnonzero(differ)[:room].tolist()]
 
     # ------------------------------------------------------------------ tests
     def _compare(self, model: str, version: str, new: _VersionStats, comp: dict[str, Any],
@@ -330,15 +338,22 @@ class ModelVersionDetector(Detector):
                 "comparisons": [{"version": v, **cp, "dis_ids": list(cp["dis_ids"])}
                                 for v, cp in state["comparisons"].items()],
             })
-        return {"models": models, "n_classes": self.n_classes}
+        return {"models": models, "n_classes": self.n_classes, "cell_hash": CELL_HASH}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         o = self.opt
         self.n_classes = int(state["n_classes"])
+        same_cells = state.get("cell_hash") == CELL_HASH
+        if not same_cells:
+            log.warning("model_version: the checkpoint's remembered input cells were hashed another way; "
+                        "they are dropped, and near-duplicate pairs are counted again from new answers")
         self.models = OrderedDict()
         for m in state["models"]:
             versions = OrderedDict((str(v["version"]), _VersionStats.from_tree(v, o.max_keys, o.max_ids))
                                    for v in m["versions"])
+            if not same_cells:
+                for st in versions.values():
+                    st.keys.clear()
             comparisons = {}
             for cp in m["comparisons"]:
                 cp = dict(cp)
@@ -348,6 +363,30 @@ class ModelVersionDetector(Detector):
                 cp["dis_ids"] = [str(i) for i in cp["dis_ids"]]
                 comparisons[version] = cp
             self.models[str(m["name"])] = {"versions": versions, "current": m["current"], "comparisons": comparisons}
+
+
+@functools.cache
+def _cell_multipliers(d: int) -> np.ndarray:
+    """Fixed random odd 64-bit multipliers of the cell hash, one per feature (the same in every process, so
+    checkpointed cells keep their meaning)."""
+    rng = np.random.default_rng(0x5EED_CE11)
+    return rng.integers(0, 2**64, d, dtype=np.uint64, endpoint=False) | np.uint64(1)
+
+
+def _remember(keys: OrderedDict[int, int], hashes: list[int], labels: np.ndarray, max_keys: int) -> None:
+    """Record each cell's newest answer, most recently answered last, keeping the ``max_keys`` most recent.
+
+    What answering the rows one by one would leave (a least-recently-used map): a cell answered twice in the
+    batch takes its last answer, at the place of its last row.
+    """
+    if not hashes:
+        return
+    _, last_rev = np.unique(np.asarray(hashes, np.uint64)[::-1], return_index=True)
+    last = np.sort(len(hashes) - 1 - last_rev)  # each cell's last row, in batch order
+    deque(map(keys.pop, hashes, repeat(None)), maxlen=0)  # cells answered again move to the end
+    keys.update(zip([hashes[j] for j in last.tolist()], labels[last].tolist()))
+    for _ in range(len(keys) - max_keys):
+        keys.popitem(last=False)
 
 
 def _class_shift(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.model import train_classifier
 from agent.records import InferenceBatch
@@ -15,7 +18,7 @@ from agent.reference import ReferenceData
 from agent.scenarios.data import load
 from agent.state import load_tree, save_tree
 from detectors.base import DetectorContext
-from detectors.model_version import ModelVersionDetector
+from detectors.model_version import ModelVersionDetector, _remember
 
 CPU = torch.device("cpu")
 
@@ -130,3 +133,56 @@ def test_without_a_model_the_previous_version_is_the_baseline(world) -> None:
     det.fit(ReferenceData(ds.X_train, ds.y_train, ds.input_shape))
     assert det.ref_classes is None
     assert len(run(det, rollout(ds, v1, poisoned))) == 1
+
+
+@given(st.lists(st.tuples(st.integers(0, 12), st.integers(0, 3)), max_size=60), st.integers(1, 8),
+       st.lists(st.integers(0, 12), max_size=8, unique=True))
+@settings(max_examples=300, deadline=None)
+def test_a_batch_is_remembered_as_its_rows_one_by_one(rows, max_keys, earlier) -> None:
+    """The batched least-recently-used update leaves what answering the rows one at a time would leave."""
+    one_by_one = OrderedDict((h, 9) for h in earlier[-max_keys:])
+    batched = OrderedDict(one_by_one)
+    for h, label in rows:
+        one_by_one[h] = label
+        one_by_one.move_to_end(h)
+        if len(one_by_one) > max_keys:
+            one_by_one.popitem(last=False)
+    _remember(batched, [h for h, _ in rows], np.asarray([label for _, label in rows], np.int64), max_keys)
+    assert list(batched.items()) == list(one_by_one.items())
+
+
+def test_cells_are_the_grid_cells(world) -> None:
+    """Rows in one grid cell share a hash; rows a cell apart (in any feature, either way) do not."""
+    ds, v1, _, _ = world
+    det = make(ds, v1)
+    rng = np.random.default_rng(0)
+    X = np.round(ds.X_test[:200] / det.step) * det.step  # the centres of their cells
+    cells = det._cells(X)
+    assert np.array_equal(cells, det._cells(X + rng.uniform(-0.4, 0.4, X.shape) * det.step))
+    for j in (0, 17, 63):
+        for sign in (-1, 1):
+            moved = X.copy()
+            moved[:, j] += sign * det.step[j]
+            assert not np.isin(det._cells(moved), cells).any()
+    assert len(set(cells.tolist())) == len({tuple(r) for r in np.round(X / det.step).astype(int).tolist()})
+
+
+def test_cells_hashed_another_way_are_dropped_on_load(world, caplog) -> None:
+    """A checkpoint from before the cell hash changed keeps its counts but not its remembered cells, which
+    could never match again (and could, by chance, match the wrong ones)."""
+    ds, v1, _, poisoned = world
+    det = make(ds, v1)
+    run(det, rollout(ds, v1, poisoned)[:4])
+    state = det.state_dict()
+    pairs = det.models["digits"]["comparisons"]["2"]["pairs"]
+    assert pairs > 0 and all(st.keys for st in det.models["digits"]["versions"].values())
+    del state["cell_hash"]
+    resumed = make(ds, v1)
+    with caplog.at_level("WARNING"):
+        resumed.load_state_dict(state)
+    assert "hashed another way" in caplog.text
+    assert resumed.models["digits"]["comparisons"]["2"]["pairs"] == pairs
+    assert not any(st.keys for st in resumed.models["digits"]["versions"].values())
+    same = make(ds, v1)
+    same.load_state_dict(det.state_dict())
+    assert all(st.keys for st in same.models["digits"]["versions"].values())
