@@ -143,11 +143,11 @@ def _bit_counts(flags: np.ndarray) -> dict[int, int]:
     return dict(zip(_BITS, per_bit.tolist()))
 
 
-def _client_groups(slots: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def _client_groups(slots: np.ndarray, min_size: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Rows grouped by client, batch order kept within a group, groups padded to the next power of two.
 
     Yields, per group width w: ``rows`` [g, w] (padding repeats a valid row), ``valid`` [g, w] and the
-    groups' ``client`` slots [g].
+    groups' ``client`` slots [g]; only the clients with at least ``min_size`` rows.
     """
     n = len(slots)
     order = np.argsort(slots, kind="stable")
@@ -155,7 +155,8 @@ def _client_groups(slots: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, 
     starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
     sizes = np.diff(np.r_[starts, n])
     widths = 1 << np.ceil(np.log2(sizes)).astype(np.int64)
-    for width in np.unique(widths).tolist():
+    widths[sizes < min_size] = 0
+    for width in np.unique(widths[widths > 0]).tolist():
         pick = widths == width
         pos = np.arange(width)
         valid = pos[None, :] < sizes[pick][:, None]
@@ -176,12 +177,9 @@ def _exact_sq(a: torch.Tensor, b: torch.Tensor, chunk_elements: int = 1 << 22) -
     return out
 
 
-def _min_over(cands: list[torch.Tensor]) -> torch.Tensor:
-    """Element-wise minimum over the last axis of each candidate tensor, then across them."""
-    near = cands[0].amin(-1)  # amin, not min(): min also finds where, at several times the cost
-    for c in cands[1:]:
-        near = torch.minimum(near, c.amin(-1))
-    return near
+def _beyond(d2: torch.Tensor, exact2: float) -> torch.Tensor:
+    """The squared distances, with those of exact repeats (at or under ``exact2``) made +inf."""
+    return d2.masked_fill(d2 <= exact2, float("inf"))
 
 
 def _binom_tail(k: int, n: int, p: float) -> float:
@@ -924,72 +922,79 @@ class ExtractionDetector(Detector):
 
         Why it is shaped like this (the hot path of the whole agent): every
         row's distances to its client's ring come from one embedding bag over
-        the whole batch (see ``_ring_dots``). For the earlier rows of the same
-        client, rows are grouped by client (batch order kept within a group)
-        and groups padded to the next power of two, one batched product per
-        group width: about sum(size^2) row pairs, not the n^2 of a Gram matrix
-        that is nearly all masked out when a batch holds hundreds of clients
-        (it grew with the batch: 2,048-row polls cost 3x per record).
+        the whole batch (see ``_ring_dots``), and are settled for all rows at
+        once. Only clients with several rows in the batch have earlier rows to
+        compare with: those rows are grouped by client (batch order kept within
+        a group) and groups padded to the next power of two, one batched
+        product per group width: about sum(size^2) row pairs, not the n^2 of a
+        Gram matrix that is nearly all masked out when a batch holds hundreds
+        of clients (it grew with the batch: 2,048-row polls cost 3x per record).
         """
-        n, dev, inf = len(slots), self.context.device, float("inf")
+        dev = self.context.device
         # the float32 norm expansion loses ~1e-7 relative precision on |x|^2, so it cannot tell a repeat from a
         # step shorter than about sqrt(1e-6 |x|^2) (5e-3 on digits; ZOO's finite differences step 1e-4): the
         # pairs it puts that close are measured again exactly, and repeats are judged by `repeat_eps` itself
         loose2 = self.opt.repeat_eps ** 2 + 1e-6 * x_sq
         exact2 = self.opt.repeat_eps ** 2
-        nearest = torch.full((n,), inf, device=dev)  # to any candidate
-        distinct = torch.full((n,), inf, device=dev)  # to any candidate the query does not repeat
         slots_t = torch.as_tensor(slots, device=dev)
         # unfilled history entries hold |h|^2 = +inf, so they never win the min
-        ring_sq = (x_sq[:, None] + self.hist_sq[slots_t]).sub_(self._ring_dots(x, slots_t), alpha=2)  # [n, history]
-        for rows, valid, client in _client_groups(slots):
+        ring = (x_sq[:, None] + self.hist_sq[slots_t]).sub_(self._ring_dots(x, slots_t), alpha=2)  # [n, history]
+        nearest = ring.amin(1)  # to any candidate
+        if bool((nearest <= loose2).any()):  # retries, finite differences: exact distances where unresolved
+            self._resolve_close_pairs(ring[:, None, :], x[:, None, :], nearest[:, None], loose2[:, None], slots)
+            nearest = ring.amin(1)
+        peer_groups = []  # (rows, valid, peers): earlier rows of the same client in this batch, [g, w], [g, w, w]
+        for rows, valid, _ in _client_groups(slots, min_size=2):
             rows_t, valid_t = torch.as_tensor(rows, device=dev), torch.as_tensor(valid, device=dev)
             xg, sq = x[rows_t], x_sq[rows_t]                                                      # [g, w, d], [g, w]
-            cands = [ring_sq[rows_t]]
-            if rows.shape[1] > 1:  # earlier rows of the same client in this batch
-                peers = torch.baddbmm(sq[:, :, None] + sq[:, None, :], xg, xg.transpose(1, 2), alpha=-2)
-                cands.append(peers.masked_fill_(~valid_t[:, None, :] | self._not_earlier(rows.shape[1]), inf))
-            near = _min_over(cands)                                                              # [g, w]
-            close = loose2[rows_t]
-            if bool((near <= close).any()):  # retries, finite differences: exact distances where unresolved
-                self._resolve_close_pairs(cands, xg, client, near, close)
-                near = _min_over(cands)
-            far = near.clone()
-            rep = torch.nonzero((near <= exact2) & valid_t)
-            if len(rep):  # a repeat's distance is to the nearest candidate it does not repeat
-                gi, wi = rep[:, 0], rep[:, 1]
-                far[gi, wi] = _min_over([c[gi, wi].masked_fill_(c[gi, wi] <= exact2, inf) for c in cands])
+            peers = torch.baddbmm(sq[:, :, None] + sq[:, None, :], xg, xg.transpose(1, 2), alpha=-2)
+            peers.masked_fill_(~valid_t[:, None, :] | self._not_earlier(rows.shape[1]), float("inf"))
+            near, close = peers.amin(-1), loose2[rows_t]
+            if bool((near <= close).any()):
+                self._resolve_close_pairs(peers, xg, near, close)
+                near = peers.amin(-1)
             keep = torch.as_tensor(rows[valid], device=dev)
-            nearest[keep], distinct[keep] = near[valid_t], far[valid_t]
+            nearest[keep] = torch.minimum(nearest[keep], near[valid_t])
+            peer_groups.append((rows, valid, peers))
         is_repeat = nearest <= exact2
+        distinct = nearest  # to any candidate the query does not repeat
+        rep = torch.nonzero(is_repeat)[:, 0]
+        if len(rep):  # a repeat's distance is to the nearest candidate it does not repeat
+            distinct = nearest.clone()
+            distinct[rep] = _beyond(ring[rep], exact2).amin(1)
+            for rows, valid, peers in peer_groups:
+                g, w = np.nonzero(valid & is_repeat.cpu().numpy()[rows])
+                if len(g):
+                    r = torch.as_tensor(rows[g, w], device=dev)
+                    g_t, w_t = torch.as_tensor(g, device=dev), torch.as_tensor(w, device=dev)
+                    distinct[r] = torch.minimum(distinct[r], _beyond(peers[g_t, w_t], exact2).amin(1))
         return distinct, is_repeat
 
-    def _resolve_close_pairs(self, cands: list[torch.Tensor], xg: torch.Tensor, client: np.ndarray,
-                             near: torch.Tensor, close: torch.Tensor, numpy_path: bool | None = None) -> None:
+    def _resolve_close_pairs(self, cand: torch.Tensor, xg: torch.Tensor, near: torch.Tensor, close: torch.Tensor,
+                             ring_slots: np.ndarray | None = None, numpy_path: bool | None = None) -> None:
         """Replace, in place, the candidate squared distances at or under ``close`` (per row) by exact ones.
 
-        Candidates are ``_nearest_sq``'s: the client's ring, then earlier rows
-        of the group; only rows whose ``near``est candidate is that close are
-        looked at. On CPU in numpy (``numpy_path`` None: by device): these are
-        a few small gathers per group, where torch's per-call overhead cost a
-        tenth of the detector's time.
+        ``cand`` [g, w, c] holds, for the rows ``xg`` [g, w, d], the distances
+        to the entries of the history rings of ``ring_slots`` [g] (when given)
+        or else to the rows of the same group; only rows whose ``near``est
+        candidate is that close are looked at. On CPU in numpy (``numpy_path``
+        None: by device): these are a few small gathers, where torch's per-call
+        overhead cost a tenth of the detector's time.
         """
         if xg.device.type == "cpu" if numpy_path is None else numpy_path:
-            rows, hist, limit = xg.numpy(), self.hist.numpy(), close.numpy()  # hist[slot, :, entry]
+            rows, hist, limit, cn = xg.numpy(), self.hist.numpy(), close.numpy(), cand.numpy()  # hist[slot, :, entry]
             gr, wr = np.nonzero(near.numpy() <= limit)
-            for which, c in enumerate(cands):
-                cn = c.numpy()
-                r, j = np.nonzero(cn[gr, wr] <= limit[gr, wr][:, None])
-                g, w = gr[r], wr[r]
-                diff = rows[g, w].astype(np.float64) - (hist[client[g], :, j] if which == 0 else rows[g, j])
-                cn[g, w, j] = np.einsum("ij,ij->i", diff, diff)
-            return
-        client_t = torch.as_tensor(client, device=xg.device)
-        gr, wr = torch.nonzero(near <= close).unbind(1)
-        for which, c in enumerate(cands):
-            r, j = torch.nonzero(c[gr, wr] <= close[gr, wr][:, None]).unbind(1)
+            r, j = np.nonzero(cn[gr, wr] <= limit[gr, wr][:, None])
             g, w = gr[r], wr[r]
-            c[g, w, j] = _exact_sq(xg[g, w], self.hist[client_t[g], :, j] if which == 0 else xg[g, j])
+            diff = rows[g, w].astype(np.float64) - (hist[ring_slots[g], :, j] if ring_slots is not None else rows[g, j])
+            cn[g, w, j] = np.einsum("ij,ij->i", diff, diff)
+            return
+        gr, wr = torch.nonzero(near <= close).unbind(1)
+        r, j = torch.nonzero(cand[gr, wr] <= close[gr, wr][:, None]).unbind(1)
+        g, w = gr[r], wr[r]
+        other = (self.hist[torch.as_tensor(ring_slots, device=xg.device)[g], :, j] if ring_slots is not None
+                 else xg[g, j])
+        cand[g, w, j] = _exact_sq(xg[g, w], other)
 
     def _ring_dots(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """[n, history] dot products of each row with every entry of its client's history ring.
