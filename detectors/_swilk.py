@@ -44,10 +44,29 @@ def swilk_coefficients(n: int) -> np.ndarray:
 
 def shapiro_w(x: np.ndarray) -> float:
     """Shapiro-Wilk W of a 1-D sample (1.0 = perfectly normal; 0 for a constant sample)."""
-    x = np.sort(np.asarray(x, dtype=np.float64))
-    centred = x - x.sum() / len(x)  # what x.mean() computes, without its Python-level overhead (hot path)
-    ss = float(centred @ centred)
-    if ss <= 0.0:
-        return 0.0
-    a = swilk_coefficients(len(x))
-    return float(min(1.0, (a @ x) ** 2 / ss))
+    x = np.asarray(x, dtype=np.float64)
+    if len(x) < 3:
+        raise ValueError(f"Shapiro-Wilk needs at least 3 values, got {len(x)}")
+    return float(shapiro_w_rows(x[None, :])[0])
+
+
+def shapiro_w_rows(x: np.ndarray, min_size: int = 3) -> np.ndarray:
+    """W of each row's finite values ([m, width]; NaN marks no value), NaN for a row with fewer than
+    ``min_size`` (at least 3) of them.
+
+    Why rows: the extraction detector tests every client that is due in a
+    batch, dozens at once; rows with the same number of values share their
+    coefficients and one product, instead of a dozen numpy calls each.
+    """
+    x = np.where(np.isfinite(x), x, np.nan).astype(np.float64)
+    counts = np.count_nonzero(np.isfinite(x), axis=1)
+    x = np.sort(x, axis=1)  # NaN last
+    out = np.full(len(x), np.nan)
+    for n in np.unique(counts[counts >= max(min_size, 3)]).tolist():
+        rows = np.flatnonzero(counts == n)
+        v = x[rows, :n]
+        centred = v - v.sum(1, keepdims=True) / n  # what .mean() computes, without its Python-level overhead
+        ss = np.einsum("ij,ij->i", centred, centred)
+        w = (v @ swilk_coefficients(n)) ** 2 / np.where(ss > 0, ss, 1.0)
+        out[rows] = np.where(ss > 0, np.minimum(1.0, w), 0.0)
+    return out

@@ -15,7 +15,7 @@ from agent.reference import ReferenceData
 from agent.scenarios.data import benign_traffic, load
 from agent.state import load_tree, save_tree
 from detectors._client_slots import ClientSlots, group_ranks
-from detectors._swilk import shapiro_w
+from detectors._swilk import shapiro_w, shapiro_w_rows
 from detectors.base import DetectorContext
 from detectors.extraction import ExtractionDetector
 
@@ -124,6 +124,48 @@ def test_shapiro_w_matches_scipy(n: int) -> None:
     rng = np.random.default_rng(n)
     for x in (rng.normal(size=n), rng.exponential(size=n), rng.uniform(size=n)):
         assert shapiro_w(x) == pytest.approx(stats.shapiro(x).statistic, abs=1e-6)
+
+
+def test_shapiro_w_of_rows_is_each_rows_own() -> None:
+    """Rows of different lengths (NaN: no value), each tested on its own values; too few values: NaN."""
+    rng = np.random.default_rng(0)
+    x = rng.gamma(2.0, size=(40, 128))
+    x[rng.random(x.shape) < rng.uniform(0, 0.8, (40, 1))] = np.nan
+    x[0, 3:] = np.nan
+    x[1] = 2.0  # a constant sample: W is 0
+    got = shapiro_w_rows(x, min_size=20)
+    for row, w in zip(x, got, strict=True):
+        v = row[np.isfinite(row)]
+        if len(v) < 20:
+            assert np.isnan(w)
+        else:
+            assert w == pytest.approx(shapiro_w(v), abs=1e-12)
+            assert w == pytest.approx(stats.shapiro(v).statistic if np.ptp(v) > 0 else 0.0, abs=1e-6)
+    assert np.isnan(got[0]) and got[1] == 0.0
+
+
+def test_window_statistics_of_many_clients_are_each_clients_own(fitted: ExtractionDetector, tmp_path) -> None:
+    """``_window_stats`` tests every due client of a batch at once: each row must be what that client's own
+    window and ring give (spread, PRADA delta, flag counts), whatever the other clients hold."""
+    det = fresh_from(fitted, tmp_path)
+    run(det, traffic(n_benign=3000, n_clients=30, attack="membership", n_attack=300))
+    slots = np.flatnonzero(det.win_len > 0)
+    assert len(slots) > 20 and len(set(det.win_len[slots].tolist())) > 1 and det.hist_rep.any()
+    got = det._window_stats(slots)
+    for j, s in enumerate(slots.tolist()):
+        n, rows = int(det.win_len[s]), int(det.hist_len[s])
+        distinct = np.flatnonzero(~det.hist_rep[s, :rows])
+        ring = det.hist[s][:, torch.as_tensor(distinct)].T.double()  # the distinct entries, as rows
+        want = float(torch.sqrt(((ring - ring.mean(0)) ** 2).sum(1).mean())) if len(distinct) >= 48 else np.nan
+        np.testing.assert_allclose(got.spread[j], want, rtol=1e-12)
+        assert got.delta[j] == det._delta_for(det.win_label[s, :n])
+        flags = det.win_flags[s, :n]
+        assert {bit: int(c[j]) for bit, c in got.counts.items()} == {
+            bit: int(((flags & bit) > 0).sum()) for bit in got.counts}
+        d = det.win_dist[s, :n]
+        d = d[np.isfinite(d)]
+        assert (np.isnan(got.prada_w[j]) if len(d) < 48 else got.prada_w[j] == pytest.approx(shapiro_w(d)))
+    assert got.suspect.any() and not got.suspect.all()
 
 
 def test_group_ranks_and_lru_slots() -> None:
