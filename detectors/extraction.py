@@ -994,8 +994,9 @@ class ExtractionDetector(Detector):
         if len(rep):  # a repeat's distance is to the nearest candidate it does not repeat
             distinct = nearest.clone()
             distinct[rep] = _beyond(ring[rep], exact2).amin(1)
+            repeats = is_repeat.cpu().numpy()
             for rows, valid, peers in peer_groups:
-                g, w = np.nonzero(valid & is_repeat.cpu().numpy()[rows])
+                g, w = np.nonzero(valid & repeats[rows])
                 if len(g):
                     r = torch.as_tensor(rows[g, w], device=dev)
                     g_t, w_t = torch.as_tensor(g, device=dev), torch.as_tensor(w, device=dev)
