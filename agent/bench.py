@@ -11,7 +11,7 @@ In one run, on one embedded broker:
 5. **latency** — records offered at a fixed rate, time from produce to the
    end of the batch that processed them (when their findings are delivered).
 
-``--detectors-only`` runs 3 alone, without a broker, in about a minute: the best of
+``--detectors-only`` runs 3 alone, without a broker, in about 30 s on two cores: the best of
 ``DETECTOR_PASSES`` passes, each with freshly loaded detectors (a second pass over the
 same records would be a stream of exact repeats). On a shared machine a single pass
 varies a lot from run to run; the best of several much less.

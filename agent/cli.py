@@ -156,7 +156,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--features", type=int, default=64)
     s.add_argument("--no-scale-out", action="store_true", help="skip the two-process consumer-group measurement")
     s.add_argument("--detectors-only", action="store_true",
-                   help="only the detectors on decoded batches, no broker (best of 5 passes, about a minute)")
+                   help="only the detectors on decoded batches, no broker (best of 5 passes, about 30 s)")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("audit", help="compare two model versions offline; exit 1 when a gate fails")
