@@ -1176,20 +1176,20 @@ class ExtractionDetector(Detector):
         if np.isfinite(self.camp_start[s]) and ts - self.camp_last_flag[s] > self.opt.campaign_quiet_s:
             self.camp_start[s] = np.nan
 
-    def _check(self, s: int, client: str, model: str, ts: float, stats: _WindowStats, j: int) -> Finding | None:
-        """Slot s's tests, from row j of ``stats`` (``_window_stats``): a finding, or None."""
+    def _check(self, s: int, client: str, model: str, ts: float, window: _WindowStats, j: int) -> Finding | None:
+        """Slot s's tests, from row j of ``window`` (``_window_stats``): a finding, or None."""
         o = self.opt
-        n = int(stats.lengths[j])
+        n = int(window.lengths[j])
         reasons: dict[str, Any] = {}
         evidence: dict[str, Any] = {"window_queries": n, "client_queries": int(self.count[s])}
-        w = float(stats.prada_w[j])
+        w = float(window.prada_w[j])
         if math.isfinite(w):
-            delta = float(stats.delta[j])
+            delta = float(window.delta[j])
             evidence["prada_w"] = w
             evidence["prada_delta"] = delta
             if w < delta:
                 reasons["prada"] = w
-        spread = float(stats.spread[j])
+        spread = float(window.spread[j])
         if math.isfinite(spread):
             evidence.update(spread=spread, min_benign_spread=self.min_spread)
             if spread < self.min_spread:
@@ -1200,8 +1200,8 @@ class ExtractionDetector(Detector):
         # every client off the reference is drift_vae's finding, not an extraction campaign)
         pvalues: dict[str, float] = {}
         any_large = False
-        counts = {bit: int(c[j]) for bit, c in stats.counts.items()}
-        signals = stats.signals
+        counts = {bit: int(c[j]) for bit, c in window.counts.items()}
+        signals = window.signals
         for name, bit, base in signals:
             test = self._share_test(name, bit, counts, n, base)
             if test is None:
