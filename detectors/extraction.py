@@ -1123,9 +1123,9 @@ class ExtractionDetector(Detector):
         """Slot s's ring, only the filled part, in ring order (a view, not arrival order).
 
         A ring that is not full has never wrapped, so its filled part is its
-        first ``win_len`` entries. The tests on the hot path (W sorts its
-        sample; shares count) do not depend on order, so they skip the
-        reordering gather that :meth:`_ordered` does.
+        first ``win_len`` entries. What only counts labels (class coverage, the
+        calibration tail) does not depend on order, so it skips the reordering
+        gather that :meth:`_ordered` does.
         """
         return a[s, : int(self.win_len[s])]
 
