@@ -141,11 +141,12 @@ def _bit_counts(flags: np.ndarray) -> dict[int, Any]:
     One histogram of the flag values instead of a mask, a cast and a sum per
     bit: the share tests read six bits of every checked client's window.
     """
-    if flags.ndim == 1:
-        return dict(zip(_BITS, (np.bincount(flags, minlength=256) @ _HAS_BIT).tolist()))
-    m = len(flags)
-    values = (np.arange(m)[:, None] * 256 + flags).ravel()
+    rows = np.atleast_2d(flags)
+    m = len(rows)
+    values = (np.arange(m)[:, None] * 256 + rows).ravel()
     per_bit = np.bincount(values, minlength=m * 256).reshape(m, 256) @ _HAS_BIT  # [rows, bit]
+    if flags.ndim == 1:
+        return dict(zip(_BITS, per_bit[0].tolist()))
     return {bit: per_bit[:, b] for b, bit in enumerate(_BITS)}
 
 
@@ -1201,8 +1202,7 @@ class ExtractionDetector(Detector):
         pvalues: dict[str, float] = {}
         any_large = False
         counts = {bit: int(c[j]) for bit, c in window.counts.items()}
-        signals = window.signals
-        for name, bit, base in signals:
+        for name, bit, base in window.signals:
             test = self._share_test(name, bit, counts, n, base)
             if test is None:
                 continue
