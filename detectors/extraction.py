@@ -25,7 +25,7 @@ per-query observations. From them, at every ``check_every`` queries:
   ``margin``), lies off the reference data (farther from every k-means
   centroid, in the reference's whitened space, than ``1 - off_reference_rate``
   of held-out reference rows of the class it is answered as: a rare class's
-  natural rows lie farther out), changes only a few features of the client's
+  natural rows lie farther out; ``_reference_regions.ReferenceCover``), changes only a few features of the client's
   previous query (coordinate-wise black-box search at any step size), or is
   out of distribution per ``notes["ood_p"]`` when ``drift_vae`` ran; plus
   Fisher's combination of them. Each is tested against the larger of its
@@ -42,7 +42,7 @@ per-query observations. From them, at every ``check_every`` queries:
   what the other tests look for. Conditioning on the class keeps a client
   that asks about one class only on that class's own spread, and the test
   allows for the few held-out rows each radius rests on (beta-binomial).
-  Needs reference labels.
+  Needs reference labels (``_reference_regions.ClassCentres``).
 
 Exact repeats (within ``repeat_eps``) are ignored: they give an attacker no
 information and benign clients retry all the time. "Exact" is measured
@@ -81,7 +81,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from scipy import stats
 from scipy.special import bdtrc, chdtrc
 
 from agent.findings import Finding, Severity
@@ -90,8 +89,8 @@ from agent.reference import ReferenceData
 from detectors import _probe_pattern as probe_pattern
 from detectors._client_slots import ClientSlots, EvictionAlarm, group_ranks
 from detectors._cohort import NewClientCohort
+from detectors._reference_regions import ClassCentres, ReferenceCover
 from detectors._swilk import shapiro_w, shapiro_w_rows
-from detectors._whitening import Whitening
 from detectors.base import Detector, DetectorContext, DetectorOptions
 
 log = logging.getLogger(__name__)
@@ -300,18 +299,8 @@ class ExtractionDetector(Detector):
         self.dup_radius: float | None = None
         self.benign_dup_rate: float = self.opt.min_dup_rate
         self.min_spread: float = 0.0
-        self.centroids: torch.Tensor | None = None
-        self.centroid_sq: torch.Tensor | None = None
-        self.off_radius: np.ndarray = np.full(1, np.inf)  # [k + 1]: per answered class; last: all rows' (no answer)
-        self.off_group: np.ndarray = np.full(1, -1)  # [k + 1]: row of off_beta the radius was set on (-1: none)
-        self.off_beta: np.ndarray = np.zeros((0, 2))  # [radii, 2]: Beta law of a natural query's rate beyond it
-        self.cover_whitening: Whitening | None = None  # the space the centroids live in (None: input space)
-        self._cover_t: tuple[torch.Tensor, ...] | None = None
-        self.central_map: torch.Tensor | None = None  # [d, r]: whitening map of the class-centre distance
-        self.central_means: torch.Tensor | None = None  # [k, r]: class centres, mapped
-        self.central_radius: np.ndarray | None = None  # [k]: per class, squared too-central radius (-inf: none)
-        self.central_group: np.ndarray | None = None  # [k]: row of central_beta for the class (-1: untested)
-        self.central_beta: np.ndarray | None = None  # [tested classes, 2]: Beta law of a natural query's hit rate
+        self.cover: ReferenceCover | None = None  # the off-reference test (None until fitted)
+        self.centres: ClassCentres | None = None  # the too-central test (None: no reference labels)
         self.calibration: dict[str, Any] = {}
         self._reset_runtime()
 
@@ -337,8 +326,10 @@ class ExtractionDetector(Detector):
         nn = torch.cat(nn_d).cpu().numpy()
         nn = nn[np.isfinite(nn)]
         self.dup_radius = float(np.quantile(nn, o.dup_quantile))
-        self._fit_reference_cover(reference)
-        self._fit_class_centres(reference)
+        dev, seed = self.context.device, self.context.seed
+        self.cover = ReferenceCover.fit(reference, centroids=o.centroids, cover_rank=o.cover_rank,
+                                        rate=o.off_reference_rate, seed=seed, device=dev)
+        self.centres = ClassCentres.fit(reference, dims=o.central_dims, rate=o.central_rate, seed=seed, device=dev)
 
         rng = np.random.default_rng(self.context.seed)
         length = o.history + o.window
@@ -462,186 +453,18 @@ class ExtractionDetector(Detector):
             delta = np.where(k <= seen, d, delta)
         return float(delta[0]) if np.ndim(labels) == 1 else delta
 
-    def _fit_reference_cover(self, reference: ReferenceData) -> None:
-        """Centroids of half the reference, in whitened space; the other half sets the off-reference radius.
-
-        A query farther from every centroid than ``1 - off_reference_rate`` of
-        held-out benign rows is "off reference". Synthetic, random and
-        out-of-task queries mostly are, so a client whose share is far above
-        ``off_reference_rate`` is querying outside the task's data. This works
-        without ``drift_vae``; its ``ood_p`` is used as well when present.
-
-        Why whitened (Ledoit-Wolf shrunk covariance of the reference): natural
-        rows keep the correlations between features (a tumour's radius,
-        perimeter and area move together; neighbouring pixels too), and
-        synthetic queries break them while staying within each feature's
-        range, which a Euclidean distance does not see. Measured on the eval's
-        attackers (unique queries beyond the radius, benign test rows 0.094 ->
-        0.076 on tabular): tabular targeted JbDA 0.30 -> 0.86, out-of-task
-        rows 0.24 -> 0.88, inversion 0.0 -> 0.98; digits JbDA 0.61 -> 0.95.
-        """
-        from sklearn.cluster import KMeans
-
-        o = self.opt
-        fit_part, cal_part = reference.split(0.5, seed=self.context.seed)
-        whitening = Whitening.fit(fit_part.X, o.cover_rank)
-        k = max(2, min(o.centroids, len(fit_part.X) // 4))
-        km = KMeans(n_clusters=k, n_init=1, random_state=self.context.seed).fit(whitening.apply_np(fit_part.X))
-        centroids = km.cluster_centers_.astype(np.float32)
-        z = whitening.apply_np(cal_part.X)
-        d = np.sqrt(((z[:, None, :] - centroids[None]) ** 2).sum(-1).min(1))
-        radius = float(np.quantile(d, 1 - o.off_reference_rate))
-        k = None if reference.y is None else int(reference.y.max()) + 1
-        self._set_centroids(centroids, radius, whitening, *self._off_reference_radii(d, cal_part.y, k, radius))
-
-    def _off_reference_radii(self, d: np.ndarray, y: np.ndarray | None, k: int | None, radius: float
-                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per class, the radius beyond which ``off_reference_rate`` of its own held-out rows lie.
-
-        Classes do not sit equally inside the cover: a rare class has few
-        centroids of its own, so its natural rows lie farther from all of
-        them (a 5 % class of a fraud-like table: 30 % beyond the radius set
-        on every row; breast cancer's malignant class: 12 %; README). Measured
-        against one radius, a client that only asks about that class (an
-        analyst reviewing the cases the model flagged) looks off the data.
-        Each radius is the j-th largest of the class's m held-out distances,
-        j = floor(rate (m + 1)), so a natural query of the class lies beyond
-        it with a Beta(j, m + 1 - j) distributed probability, which the test
-        uses as the too-central test does. A class with too few rows for
-        j >= 1, and a query without an answer, use the radius of all rows.
-        Returns (radius per class + all rows', its row in the Beta table, the table).
-        """
-        rate = self.opt.off_reference_rate
-        j = max(1, math.floor(rate * (len(d) + 1)))
-        beta = [(float(j), float(len(d) + 1 - j))]
-        n_labels = 0 if y is None or k is None else k
-        by_label, group = np.full(n_labels + 1, radius), np.zeros(n_labels + 1, np.int64)
-        for c in range(n_labels):
-            own = d[y == c]
-            if math.floor(rate * (len(own) + 1)) >= 1:
-                a, b, neg = self._order_beta(-own, rate)  # the j-th smallest of -d: the j-th largest of d
-                group[c], by_label[c] = len(beta), -neg
-                beta.append((a, b))
-        return by_label, group, np.asarray(beta, np.float64)
-
     @property
     def off_reference_radius(self) -> float:
-        """The off-reference radius of all held-out rows (queries without an answer, evidence)."""
-        return float(self.off_radius[-1])
-
-    def _off_index(self, labels: np.ndarray) -> np.ndarray:
-        """Each query's entry in ``off_radius`` / ``off_group``: its answered class, else (no answer) the last."""
-        lab = np.asarray(labels, np.int64)
-        n_labels = len(self.off_radius) - 1
-        return np.where((lab >= 0) & (lab < n_labels), lab, n_labels)
-
-    def _off_radius_for(self, labels: np.ndarray) -> np.ndarray:
-        """The off-reference radius of each query: its answered class's, else (no answer) every row's."""
-        return self.off_radius[self._off_index(labels)]
-
-    def _fit_class_centres(self, reference: ReferenceData) -> None:
-        """Whitened distance of a query to its predicted class's centre; per class, the too-central radius.
-
-        Natural inputs of a class scatter around its centre with the class's
-        own variability; a blend of natural inputs (mixup, the usual way to
-        stretch a small pool of in-task data into an extraction query set)
-        averages that variability away and lands closer to a centre than
-        natural inputs do, whichever class it is answered as. The distance is
-        Mahalanobis with the pooled within-class covariance (Ledoit-Wolf
-        shrinkage; on the top ``central_dims`` principal components when the
-        input has more features). Class centres and covariance come from half
-        the reference; on the other half, per class, the radius leaves
-        ``central_rate`` of the class's held-out rows inside it. Being
-        conditioned on the answered class, a client that asks about one class
-        only is judged against that class's natural spread. Needs labels.
-        """
-        from sklearn.covariance import LedoitWolf
-
-        o = self.opt
-        if reference.y is None:
-            return
-        fit_part, cal_part = reference.split(0.5, seed=self.context.seed)
-        X, y = fit_part.X.astype(np.float64), fit_part.y
-        k = int(reference.y.max()) + 1
-        counts = np.bincount(y, minlength=k)
-        if (counts >= 2).sum() < 2:
-            return
-        mean = X.mean(0)
-        basis = np.eye(X.shape[1])
-        if X.shape[1] > o.central_dims:
-            from sklearn.decomposition import PCA
-
-            r = min(o.central_dims, len(X) - 1)
-            basis = PCA(r, svd_solver="randomized", random_state=self.context.seed).fit(X).components_.T  # [d, r]
-        Z = (X - mean) @ basis
-        centres = np.zeros((k, Z.shape[1]))
-        have = counts >= 2
-        for c in np.flatnonzero(have):
-            centres[c] = Z[y == c].mean(0)
-        keep = have[y]
-        precision = LedoitWolf(assume_centered=True).fit(Z[keep] - centres[y[keep]]).precision_
-        chol = np.linalg.cholesky((precision + precision.T) / 2)  # precision = chol @ chol.T
-        mapping = basis @ chol  # x @ mapping - (centre + mean @ basis) @ chol: the whitened residual
-        means = (centres + mean @ basis) @ chol
-        score = ((cal_part.X.astype(np.float64) @ mapping - means[cal_part.y]) ** 2).sum(1)
-        ok = have[cal_part.y]
-        score, cal_y = score[ok], cal_part.y[ok]
-        # radius: the j-th smallest of a class's m held-out scores, j = floor(rate * (m + 1)); a natural query
-        # falls inside it with a probability that is Beta(j, m + 1 - j) distributed (conformal), which the
-        # test uses so that a class with few held-out rows does not make its own heavy users look blended.
-        # A class with too few rows for j >= 1 cannot place a radius at this rate: its queries are not tested
-        radius, group, beta = np.full(k, -np.inf), np.full(k, -1, np.int64), []
-        for c in np.flatnonzero(have):
-            own = score[cal_y == c]
-            if math.floor(o.central_rate * (len(own) + 1)) >= 1:
-                group[c] = len(beta)
-                beta.append(self._order_beta(own, o.central_rate))
-                radius[c] = beta[-1][2]
-        if not beta:
-            return
-        self._set_class_centres(mapping, means, radius, group, np.asarray([b[:2] for b in beta], np.float64))
-
-    @staticmethod
-    def _order_beta(score: np.ndarray, rate: float) -> tuple[float, float, float]:
-        """(j, m + 1 - j, radius): the radius is the j-th smallest of the m scores, j = floor(rate (m + 1))."""
-        m = len(score)
-        j = math.floor(rate * (m + 1))
-        return float(j), float(m + 1 - j), float(np.partition(score, j - 1)[j - 1])
-
-    def _set_class_centres(self, mapping: np.ndarray, means: np.ndarray, radius: np.ndarray, group: np.ndarray,
-                           beta: np.ndarray) -> None:
-        dev = self.context.device
-        self.central_map = torch.as_tensor(np.asarray(mapping, np.float32), device=dev)
-        self.central_means = torch.as_tensor(np.asarray(means, np.float32), device=dev)
-        self.central_radius = np.asarray(radius, np.float64)
-        self.central_group = np.asarray(group, np.int64)
-        self.central_beta = np.asarray(beta, np.float64)
-
-    def _set_centroids(self, centroids: np.ndarray, radius: float, whitening: Whitening | None,
-                       by_label: np.ndarray | None = None, group: np.ndarray | None = None,
-                       beta: np.ndarray | None = None) -> None:
-        self.centroids = torch.as_tensor(centroids, dtype=torch.float32, device=self.context.device)
-        self.centroid_sq = (self.centroids * self.centroids).sum(1)
-        if by_label is None or group is None or beta is None:  # artifacts trained before per-class radii
-            by_label, group, beta = np.full(1, radius), np.full(1, -1), np.zeros((0, 2))  # -1: binomial test only
-        self.off_radius = np.asarray(by_label, np.float64)
-        self.off_group = np.asarray(group, np.int64)
-        self.off_beta = np.asarray(beta, np.float64)
-        self.cover_whitening = whitening
-        self._cover_t = None if whitening is None else whitening.tensors(self.context.device)
+        """The off-reference radius of all held-out rows (queries without an answer, evidence); inf unfitted."""
+        return math.inf if self.cover is None else self.cover.radius_all
 
     def artifacts(self) -> dict[str, Any]:
         if self.delta is None:
             return {}
         out = {"calibration": dict(self.calibration), "benign_dup_rate": self.benign_dup_rate,
-               "centroids": self.centroids.cpu().numpy(), "off_reference_radius": self.off_reference_radius,
-               "off_radius": self.off_radius, "off_group": self.off_group, "off_beta": self.off_beta}
-        if self.cover_whitening is not None:
-            out["cover_whitening"] = self.cover_whitening.to_tree()
-        if self.central_map is not None:
-            out.update(central_map=self.central_map.cpu().numpy(), central_means=self.central_means.cpu().numpy(),
-                       central_radius=self.central_radius, central_group=self.central_group,
-                       central_beta=self.central_beta)
+               **self.cover.to_tree()}
+        if self.centres is not None:
+            out.update(self.centres.to_tree())
         return out
 
     def load_artifacts(self, tree: dict[str, Any]) -> None:
@@ -653,13 +476,9 @@ class ExtractionDetector(Detector):
         self.dup_radius = float(cal["dup_radius"])
         self.benign_dup_rate = float(tree["benign_dup_rate"])
         self.min_spread = float(cal["min_spread"])
-        # artifacts trained before the whitened cover lack it: their centroids are in input space
-        whitening = Whitening.from_tree(tree["cover_whitening"]) if "cover_whitening" in tree else None
-        self._set_centroids(np.asarray(tree["centroids"], np.float32), float(tree["off_reference_radius"]), whitening,
-                            tree.get("off_radius"), tree.get("off_group"), tree.get("off_beta"))
-        if "central_map" in tree:  # artifacts trained before the too-central test lack it: the test stays off
-            self._set_class_centres(tree["central_map"], tree["central_means"], tree["central_radius"],
-                                    tree["central_group"], tree["central_beta"])
+        # artifacts from before the whitened cover, per-class radii or the too-central test load too
+        self.cover = ReferenceCover.from_tree(tree, self.context.device)
+        self.centres = ClassCentres.from_tree(tree, self.context.device)
 
     # ------------------------------------------------------------ runtime state
     def _reset_runtime(self) -> None:
@@ -716,8 +535,8 @@ class ExtractionDetector(Detector):
                    ("too_central", _CENTRAL, o.central_rate),
                    ("few_feature_steps", _FEW_FEATURES, o.min_few_feature_rate)]
         skip = {"low_margin"} if self._k is None else set()
-        skip |= {"off_reference"} if self.centroids is None else set()
-        skip |= {"too_central"} if self.central_map is None else set()
+        skip |= {"off_reference"} if self.cover is None else set()
+        skip |= {"too_central"} if self.centres is None else set()
         return [sig for sig in signals if sig[0] not in skip]
 
     def _ensure(self, dim: int, k: int | None) -> None:
@@ -816,17 +635,10 @@ class ExtractionDetector(Detector):
                 have = np.isfinite(top2).all(1)
                 low = have & ((top2[:, 1] - top2[:, 0]) < o.margin)
                 flags[low] |= _LOW_MARGIN
-        if self.centroids is not None:
-            c = self.centroids
-            z, z_sq = x, x_sq
-            if self._cover_t is not None:
-                z = Whitening.apply(x, *self._cover_t)
-                z_sq = (z * z).sum(1)
-            d2c = (z_sq[:, None] + self.centroid_sq[None, :]).sub_(z @ c.T, alpha=2)
-            off = torch.sqrt(d2c.amin(1).clamp_min_(0)).cpu().numpy() > self._off_radius_for(batch.labels)
-            flags[off] |= _OFF_REFERENCE
-        if self.central_map is not None:
-            flags[self._too_central(x, batch.labels)] |= _CENTRAL
+        if self.cover is not None:
+            flags[self.cover.beyond(x, x_sq, batch.labels)] |= _OFF_REFERENCE
+        if self.centres is not None:
+            flags[self.centres.too_central(x, batch.labels)] |= _CENTRAL
         few, near_previous = self._steps_from_previous(batch.X, slots)
         flags[few] |= _FEW_FEATURES
         flags[near_previous] |= _NEAR_PREVIOUS
@@ -922,27 +734,6 @@ class ExtractionDetector(Detector):
                 self.est_batch_rate[name] = typical_est
         if w_est:
             self.est_rows += int(established.sum())
-
-    def _too_central(self, x: torch.Tensor, labels: np.ndarray) -> np.ndarray:
-        """Queries closer to their answered class's centre than all but ``central_rate`` of natural rows.
-
-        Rows without a label, or with one the reference did not have, are never too central.
-        """
-        k = len(self.central_radius)
-        lab = np.asarray(labels, np.int64)
-        known = (lab >= 0) & (lab < k)
-        every = bool(known.all())
-        if not every:
-            if not known.any():
-                return known
-            lab = np.where(known, lab, 0)
-        z = x @ self.central_map
-        if z.device.type == "cpu":  # numpy's gather is a fraction of torch's indexing cost at this size
-            z.sub_(torch.from_numpy(self.central_means.numpy()[lab]))
-        else:
-            z.sub_(self.central_means[torch.as_tensor(lab, device=z.device)])
-        central = (z * z).sum(1).cpu().numpy() < self.central_radius[lab]
-        return central if every else central & known
 
     def _nearest_sq(self, x: torch.Tensor, x_sq: torch.Tensor, slots: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Squared distance of each query to its client's nearest earlier query that it does not repeat.
@@ -1370,29 +1161,11 @@ class ExtractionDetector(Detector):
         return findings
 
     def _calibration_p(self, s: int, hits: int, test: str) -> float:
-        """P(at least ``hits`` too-central, or off-reference, queries in slot s's window) for natural queries.
-
-        Each radius is an order statistic of a finite set of held-out rows, so
-        natural queries of one class fall beyond it at a rate that is itself
-        Beta distributed: a class's hits are beta-binomial, independent between
-        classes calibrated on different rows. Their sum's tail, by convolution.
-        A too-central test leaves queries without a tested class out (they are
-        never too central); off the reference, they share the radius of all rows.
-        """
+        """P(at least ``hits`` too-central, or off-reference, queries in slot s's window) for natural queries:
+        each radius rests on a finite set of held-out rows (``_reference_regions``)."""
         labels = self._filled(self.win_label, s).astype(np.int64)
-        if test == "too_central":
-            group_of, beta = self.central_group, self.central_beta
-            known = (labels >= 0) & (labels < len(group_of))
-            groups = group_of[labels[known]]
-        else:
-            beta = self.off_beta
-            groups = self.off_group[self._off_index(labels)]
-        groups = groups[groups >= 0]
-        pmf = np.ones(1)
-        for g, n_g in zip(*np.unique(groups, return_counts=True)):
-            a, b = beta[g]
-            pmf = np.convolve(pmf, stats.betabinom.pmf(np.arange(n_g + 1), n_g, a, b))
-        return float(min(1.0, pmf[hits:].sum())) if hits < len(pmf) else 0.0
+        region = self.centres if test == "too_central" else self.cover
+        return region.calibration_p(labels, hits)
 
     def _classify(self, s: int, reasons: dict[str, Any]) -> tuple[tuple[str, ...], str]:
         """Name the likely technique from the client's window (``_probe_pattern``: chain by chain)."""

@@ -368,7 +368,7 @@ def test_a_client_asking_only_about_a_rare_class_is_judged_by_that_class(tmp_pat
     ctx = DetectorContext(device=CPU, input_shape=ds.input_shape, n_classes=2, seed=0)
     det = ExtractionDetector(ExtractionDetector.Options(prada_simulations=300), ctx)
     det.fit(ReferenceData(ds.X_train, ds.y_train, ds.input_shape))
-    assert det.off_radius[1] > det.off_reference_radius == det.off_radius[-1]
+    assert det.cover.radius[1] > det.off_reference_radius == det.cover.radius[-1]
     rng = np.random.default_rng(0)
     X, c, ts = benign_traffic(ds, 8000, 40, seed=0)
     y = ds.y_test[[int(np.flatnonzero((ds.X_test == row).all(1))[0]) for row in X]]
@@ -386,7 +386,7 @@ def test_a_client_asking_only_about_a_rare_class_is_judged_by_that_class(tmp_pat
     tree = {k: v for k, v in det.artifacts().items() if k not in ("off_radius", "off_group", "off_beta")}
     old = ExtractionDetector(ExtractionDetector.Options(prada_simulations=300), ctx)
     old.load_artifacts(tree)
-    assert old._off_radius_for(np.array([0, 1, -1])).tolist() == [det.off_reference_radius] * 3
+    assert old.cover.radius_for(np.array([0, 1, -1])).tolist() == [det.off_reference_radius] * 3
 
 
 def test_throughput_batch_512(fitted: ExtractionDetector, tmp_path) -> None:
@@ -441,7 +441,7 @@ def test_too_central_is_calibrated_per_class(fitted: ExtractionDetector) -> None
     class only is judged on that class's spread); mixups of them are more than twice as often."""
     ds = load("digits")
     rate = fitted.opt.central_rate
-    hit = fitted._too_central(torch.as_tensor(ds.X_test), ds.y_test)
+    hit = fitted.centres.too_central(torch.as_tensor(ds.X_test), ds.y_test)
     per_class = np.array([hit[ds.y_test == c].mean() for c in range(10)])
     assert abs(hit.mean() - rate) < 0.05 and per_class.max() < 2.5 * rate, per_class
     rng = np.random.default_rng(0)
@@ -449,9 +449,9 @@ def test_too_central_is_calibrated_per_class(fitted: ExtractionDetector) -> None
     lam = rng.uniform(0.2, 0.8, (2000, 1)).astype(np.float32)
     blend = torch.as_tensor(lam * ds.X_test[a] + (1 - lam) * ds.X_test[b])
     answered = np.where(lam[:, 0] >= 0.5, ds.y_test[a], ds.y_test[b])
-    assert fitted._too_central(blend, answered).mean() > 2 * rate
-    unknown = fitted._too_central(blend, np.full(2000, -1))  # no label, or one the reference never had
-    assert not unknown.any() and not fitted._too_central(blend, np.full(2000, 10)).any()
+    assert fitted.centres.too_central(blend, answered).mean() > 2 * rate
+    unknown = fitted.centres.too_central(blend, np.full(2000, -1))  # no label, or one the reference never had
+    assert not unknown.any() and not fitted.centres.too_central(blend, np.full(2000, 10)).any()
 
 
 def test_too_central_allows_for_few_calibration_rows(fitted: ExtractionDetector, tmp_path) -> None:
@@ -466,9 +466,9 @@ def test_too_central_allows_for_few_calibration_rows(fitted: ExtractionDetector,
     s = int(det.slots.assign(["one-class"])[0][0])
     labels = det._filled(det.win_label, s)
     n = len(labels)
-    group = det.central_group[labels[labels >= 0]]
+    group = det.centres.group[labels[labels >= 0]]
     assert len(np.unique(group)) == 1
-    a, b = det.central_beta[group[0]]
+    a, b = det.centres.beta[group[0]]
     for hits in (5, 15, 30):
         p = det._calibration_p(s, hits, "too_central")
         assert p == pytest.approx(stats.betabinom.sf(hits - 1, n, a, b), rel=1e-6)
@@ -483,19 +483,19 @@ def test_too_central_needs_labels_and_old_artifacts_load(fitted: ExtractionDetec
     det = ExtractionDetector(ExtractionDetector.Options(prada_simulations=100),
                              DetectorContext(device=CPU, input_shape=ds.input_shape, n_classes=10))
     det.fit(ReferenceData(ds.X_train, None, ds.input_shape))
-    assert det.central_map is None and "central_map" not in det.artifacts()
+    assert det.centres is None and "central_map" not in det.artifacts()
     # a class with too few held-out rows to place a radius leaving central_rate inside is not tested
     few = np.flatnonzero(ds.y_train != 3).tolist() + np.flatnonzero(ds.y_train == 3)[:6].tolist()
     det.fit(ReferenceData(ds.X_train[few], ds.y_train[few], ds.input_shape))
-    assert det.central_group[3] == -1 and det.central_radius[3] == -np.inf and (det.central_group >= 0).sum() == 9
-    assert not det._too_central(torch.as_tensor(ds.X_test), np.full(len(ds.X_test), 3)).any()
+    assert det.centres.group[3] == -1 and det.centres.radius[3] == -np.inf and (det.centres.group >= 0).sum() == 9
+    assert not det.centres.too_central(torch.as_tensor(ds.X_test), np.full(len(ds.X_test), 3)).any()
     old = {k: v for k, v in fitted.artifacts().items() if not k.startswith("central_")}
     save_tree(tmp_path / "old.npz", old)
     new = ExtractionDetector(ExtractionDetector.Options(), DetectorContext(device=CPU, input_shape=ds.input_shape,
                                                                           n_classes=10))
     new.load_artifacts(load_tree(tmp_path / "old.npz"))
     findings = run(new, traffic(n_benign=2000, attack="uniform", n_attack=400))
-    assert new.central_map is None and {f.actor for f in findings} == {"attacker"}
+    assert new.centres is None and {f.actor for f in findings} == {"attacker"}
     assert all("too_central" not in f.evidence for f in findings)
 
 
@@ -533,7 +533,7 @@ def test_cover_is_whitened_and_old_artifacts_load_in_input_space(fitted: Extract
     from sklearn.cluster import KMeans
 
     ds = load("digits")
-    assert fitted.cover_whitening is not None and "cover_whitening" in fitted.artifacts()
+    assert fitted.cover.whitening is not None and "cover_whitening" in fitted.artifacts()
     old = {k: v for k, v in fitted.artifacts().items()  # older still than per-class radii
            if k not in ("cover_whitening", "off_radius", "off_group", "off_beta")}
     km = KMeans(n_clusters=128, n_init=1, random_state=0).fit(ds.X_train)
@@ -544,7 +544,7 @@ def test_cover_is_whitened_and_old_artifacts_load_in_input_space(fitted: Extract
     new = ExtractionDetector(ExtractionDetector.Options(), DetectorContext(device=CPU, input_shape=ds.input_shape,
                                                                           n_classes=10))
     new.load_artifacts(load_tree(tmp_path / "old.npz"))
-    assert new.cover_whitening is None
+    assert new.cover.whitening is None
     findings = run(new, traffic(n_benign=2000, attack="uniform", n_attack=400))
     assert {f.actor for f in findings} == {"attacker"} and "off_reference" in findings[0].evidence["reasons"]
 
