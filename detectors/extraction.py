@@ -73,7 +73,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -87,46 +87,17 @@ from agent.findings import Finding, Severity
 from agent.records import InferenceBatch
 from agent.reference import ReferenceData
 from detectors import _probe_pattern as probe_pattern
+from detectors._benign_clients import BenignClients, w_quantile
 from detectors._client_slots import ClientSlots, EvictionAlarm, group_ranks
 from detectors._cohort import NewClientCohort
 from detectors._reference_regions import ClassCentres, ReferenceCover
-from detectors._swilk import shapiro_w, shapiro_w_rows
+from detectors._swilk import shapiro_w_rows
 from detectors.base import Detector, DetectorContext, DetectorOptions
 
 log = logging.getLogger(__name__)
 
 _NEAR_DUP, _LOW_MARGIN, _OOD, _OOD_KNOWN, _OFF_REFERENCE, _CENTRAL, _FEW_FEATURES = 1, 2, 4, 8, 16, 32, 64
 _NEAR_PREVIOUS = 128  # within the near-duplicate radius of the client's query just before (pattern naming only)
-
-
-def _w_quantile(w: np.ndarray, q: float) -> float:
-    """Lower ``q`` quantile of W, extrapolated past the simulated sample.
-
-    Royston (1992): ln(1 - W) is close to normal for a fixed n, so fitting its
-    mean and sd on the simulated benign W gives far-tail quantiles (1e-5)
-    that 1,000 simulations could not estimate empirically.
-    """
-    from scipy.special import ndtri
-
-    z = np.log(np.clip(1.0 - w, 1e-12, None))
-    return float(1.0 - np.exp(z.mean() + ndtri(1.0 - q) * z.std(ddof=1)))
-
-
-CLASS_COUNTS_SIMULATED = (1, 2, 3, 5)  # besides every class: the few-class clients delta is calibrated on
-
-
-def _spread(rows: torch.Tensor, min_rows: int) -> float | None:
-    """RMS distance of distinct rows to their mean: how widely a client's recent queries range.
-
-    Probing around one record (membership inference, black-box evasion,
-    inversion) keeps it far below what natural traffic shows. The caller
-    passes distinct rows (exact retries say nothing); None when fewer than
-    ``min_rows``.
-    """
-    if len(rows) < min_rows:
-        return None
-    centred = rows - rows.mean(0)
-    return float(torch.sqrt((centred * centred).sum(1).mean()))
 
 
 _BITS = (_NEAR_DUP, _LOW_MARGIN, _OOD, _OOD_KNOWN, _OFF_REFERENCE, _CENTRAL, _FEW_FEATURES)
@@ -295,7 +266,7 @@ class ExtractionDetector(Detector):
         super().__init__(options, context)
         self.opt: ExtractionDetector.Options = options  # type: ignore[assignment]
         self.delta: float | None = None  # PRADA's threshold on W for a client drawing from every class
-        self.delta_by_classes: list[tuple[int, float]] = []  # (class count, delta), see _deltas_by_class_count
+        self.delta_by_classes: list[tuple[int, float]] = []  # (class count, delta), see BenignClients
         self.dup_radius: float | None = None
         self.benign_dup_rate: float = self.opt.min_dup_rate
         self.min_spread: float = 0.0
@@ -333,15 +304,17 @@ class ExtractionDetector(Detector):
 
         rng = np.random.default_rng(self.context.seed)
         length = o.history + o.window
-        w_small, w_full, spreads, dup_hits, dup_total = self._simulate_clients(
-            X, lambda s: torch.as_tensor(rng.integers(0, n, (s, length)), device=X.device))
+        benign = BenignClients(o.history, o.window, o.min_queries, o.repeat_eps, o.prada_simulations, o.prada_fpr)
+        sim = benign.windows(X, lambda s: torch.as_tensor(rng.integers(0, n, (s, length)), device=X.device),
+                             self.dup_radius)
+        w_full, spreads, dup_hits, dup_total = sim.w_full, sim.spreads, sim.dup_hits, sim.dup_total
         if not w_full:
             raise ValueError("extraction: reference data has too many exact duplicates to calibrate; "
                              "give more distinct reference rows")
-        q_small = _w_quantile(np.asarray(w_small), o.prada_fpr)
-        q_full = _w_quantile(np.asarray(w_full), o.prada_fpr)
+        q_small = w_quantile(np.asarray(sim.w_first), o.prada_fpr)
+        q_full = w_quantile(np.asarray(w_full), o.prada_fpr)
         self.delta = min(q_small, q_full)
-        self.delta_by_classes = self._deltas_by_class_count(X, reference, rng)
+        self.delta_by_classes = benign.deltas_by_class_count(X, reference.y, rng, self.delta, self.dup_radius)
         self.benign_dup_rate = max(o.min_dup_rate, dup_hits / max(dup_total, 1))
         self.min_spread = float(np.quantile(spreads, 0.001)) * o.spread_factor if spreads else 0.0
         self.calibration = {
@@ -360,85 +333,6 @@ class ExtractionDetector(Detector):
             log.warning("extraction: the PRADA test is off for this reference: simulated benign clients' W "
                         "(median %.3f) puts the %g quantile at %.3f, below any W; the other tests still run",
                         float(np.median(w_full)), o.prada_fpr, self.delta)
-
-    def _simulate_clients(self, X: torch.Tensor, draw: Callable[[int], torch.Tensor]
-                          ) -> tuple[list[float], list[float], list[float], int, int]:
-        """Benign clients simulated as sequences of reference rows (``draw(s)`` gives [s, history + window]
-        row indices), through the same ring-buffer distances as at run time.
-
-        Returns W at a client's first check (its first ``min_queries`` queries
-        that have an earlier one to be near: a fresh client's early queries have
-        few, so their min distances run larger, as at run time), W over a full
-        window once the history ring is full, the spreads of the full ring, and
-        the near-duplicate count and total of the full windows.
-        """
-        o = self.opt
-        length = o.history + o.window
-        w_first, w_full, spreads, dup_hits, dup_total = [], [], [], 0, 0
-        idx = torch.arange(length, device=X.device)
-        lag = idx[:, None] - idx[None, :]
-        valid = (lag > 0) & (lag <= o.history)
-        for start in range(0, o.prada_simulations, 200):
-            seq = X[draw(min(200, o.prada_simulations - start))]
-            d = torch.cdist(seq, seq, compute_mode="donot_use_mm_for_euclid_dist")  # [s, L, L]
-            d = d.masked_fill(~valid, float("inf"))
-            d = d.masked_fill(d <= o.repeat_eps, float("inf"))
-            mins = d.min(2).values.cpu().numpy()
-            for sim in seq[:, -o.history :]:
-                value = _spread(torch.unique(sim, dim=0), o.min_queries)
-                if value is not None:
-                    spreads.append(value)
-            for row in mins:
-                first = row[np.isfinite(row)][: o.min_queries]
-                if len(first) >= o.min_queries:
-                    w_first.append(shapiro_w(first))
-                full = row[o.history :]
-                full = full[np.isfinite(full)]
-                if len(full) >= o.min_queries:
-                    w_full.append(shapiro_w(full))
-                    dup_hits += int((full <= self.dup_radius).sum())
-                    dup_total += len(full)
-        return w_first, w_full, spreads, dup_hits, dup_total
-
-    def _deltas_by_class_count(self, X: torch.Tensor, reference: ReferenceData, rng: np.random.Generator
-                               ) -> list[tuple[int, float]]:
-        """delta for benign clients whose queries span few classes: [(k, delta)], k ascending, the last entry
-        (every class) the mixed clients' delta; a client is tested against the entry of the largest k not
-        above the number of classes its window was answered as.
-
-        Why: a client that only ever sees one or two kinds of input (a clinic's
-        one condition, a form whose box takes one digit) sends natural rows
-        whose min distances to each other are far from normal: on digits, such
-        a client's W fell below the mixed clients' delta within 66 queries,
-        with no attack at all. So delta is calibrated per class count, on
-        clients simulated as random reference rows of k random classes; with
-        one or two classes it falls so low that PRADA rarely fires (the other
-        tests still run). A delta never exceeds that of a larger class count.
-        Without reference labels every client is tested against the mixed
-        delta, as before.
-        """
-        if reference.y is None:
-            return [(1, self.delta)]
-        y = np.asarray(reference.y)
-        classes = np.unique(y)
-        members = [np.flatnonzero(y == c) for c in classes]
-        length = self.opt.history + self.opt.window
-        out = []
-        for k in (k for k in CLASS_COUNTS_SIMULATED if k < len(classes)):
-            def draw(s: int, k: int = k) -> torch.Tensor:
-                rows = []
-                for _ in range(s):
-                    pool = np.concatenate([members[c] for c in rng.choice(len(classes), k, replace=False)])
-                    rows.append(pool[rng.integers(0, len(pool), length)])
-                return torch.as_tensor(np.stack(rows), device=X.device)
-
-            w_first, w_full, *_ = self._simulate_clients(X, draw)
-            if len(w_first) > 1 and len(w_full) > 1:
-                out.append((k, min(_w_quantile(np.asarray(w_first), self.opt.prada_fpr),
-                                   _w_quantile(np.asarray(w_full), self.opt.prada_fpr))))
-        out.append((len(classes), self.delta))
-        deltas = np.minimum.accumulate([d for _, d in out][::-1])[::-1]
-        return [(k, float(d)) for (k, _), d in zip(out, deltas, strict=True)]
 
     def _delta_for(self, labels: np.ndarray) -> Any:
         """delta for a window answered as ``labels`` (-1: unknown): that of the largest simulated class count
@@ -947,8 +841,9 @@ class ExtractionDetector(Detector):
         return _WindowStats(lengths, prada_w, delta, spread, counts, signals, suspect)
 
     def _spreads(self, slots: np.ndarray) -> np.ndarray:
-        """RMS distance of each client's distinct ring entries to their mean (``_spread``), NaN with fewer than
-        ``min_queries`` of them; in float64, as masked sums over the whole rings (one pass for every client)."""
+        """RMS distance of each client's distinct ring entries to their mean (``_benign_clients.spread``), NaN
+        with fewer than ``min_queries`` of them; in float64, as masked sums over the whole rings (one pass for
+        every client)."""
         o = self.opt
         use = (np.arange(o.history)[None, :] < self.hist_len[slots][:, None]) & ~self.hist_rep[slots]
         k = use.sum(1)
