@@ -67,6 +67,13 @@ and at least half of its own pooled queries, gets a finding.
 A flagged client gets one finding per campaign (``window`` key
 ``client:campaign_start_ts``); while the campaign goes on the same uid is
 re-raised with updated counts at most every ``reraise_every`` queries.
+
+Where the parts live: this file keeps the per-client rings and windows, the
+checks and the findings; ``_benign_clients`` simulates natural clients to
+calibrate delta, the spread floor and the near-duplicate rate;
+``_reference_regions`` holds the off-reference and too-central tests;
+``_client_slots`` maps clients to bounded slots; ``_cohort`` pools new
+clients; ``_probe_pattern`` names the technique; ``_swilk`` computes W.
 """
 
 from __future__ import annotations
