@@ -68,25 +68,25 @@ A flagged client gets one finding per campaign (``window`` key
 ``client:campaign_start_ts``); while the campaign goes on the same uid is
 re-raised with updated counts at most every ``reraise_every`` queries.
 
-Where the parts live: this file keeps the per-client rings and windows, the
-checks and the findings; ``_benign_clients`` simulates natural clients to
-calibrate delta, the spread floor and the near-duplicate rate;
-``_reference_regions`` holds the off-reference and too-central tests;
-``_client_slots`` maps clients to bounded slots; ``_cohort`` pools new
-clients; ``_probe_pattern`` names the technique; ``_swilk`` computes W.
+Where the parts live: this file keeps the per-client windows of
+observations, the checks and the findings; ``_query_history`` keeps each
+client's last queries and measures each new query's distance to them;
+``_benign_clients`` simulates natural clients to calibrate delta, the spread
+floor and the near-duplicate rate; ``_reference_regions`` holds the
+off-reference and too-central tests; ``_client_slots`` maps clients to
+bounded slots; ``_cohort`` pools new clients; ``_probe_pattern`` names the
+technique; ``_swilk`` computes W.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from scipy.special import bdtrc, chdtrc
 
@@ -97,6 +97,7 @@ from detectors import _probe_pattern as probe_pattern
 from detectors._benign_clients import BenignClients, w_quantile
 from detectors._client_slots import ClientSlots, EvictionAlarm, group_ranks
 from detectors._cohort import NewClientCohort
+from detectors._query_history import QueryHistory
 from detectors._reference_regions import ClassCentres, ReferenceCover
 from detectors._swilk import shapiro_w_rows
 from detectors.base import Detector, DetectorContext, DetectorOptions
@@ -142,45 +143,6 @@ class _WindowStats:
     counts: dict[int, np.ndarray]  # per flag bit
     signals: list[tuple[str, int, float]]  # (share test, its bit, its benign rate now)
     suspect: np.ndarray
-
-
-def _client_groups(slots: np.ndarray, min_size: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Rows grouped by client, batch order kept within a group, groups padded to the next power of two.
-
-    Yields, per group width w: ``rows`` [g, w] (padding repeats a valid row), ``valid`` [g, w] and the
-    groups' ``client`` slots [g]; only the clients with at least ``min_size`` rows.
-    """
-    n = len(slots)
-    order = np.argsort(slots, kind="stable")
-    ordered = slots[order]
-    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
-    sizes = np.diff(np.r_[starts, n])
-    widths = 1 << np.ceil(np.log2(sizes)).astype(np.int64)
-    widths[sizes < min_size] = 0
-    for width in np.unique(widths[widths > 0]).tolist():
-        pick = widths == width
-        pos = np.arange(width)
-        valid = pos[None, :] < sizes[pick][:, None]
-        rows = order[np.minimum(starts[pick][:, None] + pos[None, :], n - 1)]
-        rows = np.where(valid, rows, rows[:, :1])
-        yield rows, valid, ordered[starts[pick]]
-
-
-def _exact_sq(a: torch.Tensor, b: torch.Tensor, chunk_elements: int = 1 << 22) -> torch.Tensor:
-    """Squared distances between paired rows, summed in float64 over their differences (no cancellation), in
-    chunks of about ``chunk_elements`` values: a client of finite differences puts every pair of its batch
-    here."""
-    out = torch.empty(len(a), dtype=torch.float32, device=a.device)
-    step = max(1, chunk_elements // max(a.shape[1], 1))
-    for i in range(0, len(a), step):
-        diff = a[i : i + step].double() - b[i : i + step].double()
-        out[i : i + step] = (diff * diff).sum(1).float()
-    return out
-
-
-def _beyond(d2: torch.Tensor, exact2: float) -> torch.Tensor:
-    """The squared distances, with those of exact repeats (at or under ``exact2``) made +inf."""
-    return d2.masked_fill(d2 <= exact2, float("inf"))
 
 
 def _binom_tail(k: int, n: int, p: float) -> float:
@@ -392,15 +354,7 @@ class ExtractionDetector(Detector):
         self.est_batch_rate: dict[str, float] = {}  # ... and in the last batch that had established clients
         self.est_rows = 0  # established clients' queries seen: the pool is tested once they are enough
         self._k: int | None = None
-        # the history rings, feature-major: hist[slot, :, j] is ring entry j (see _ring_dots for why)
-        self.hist = torch.zeros((0, 0, self.opt.history), device=self.context.device)
-        self.hist_sq = torch.zeros((0, self.opt.history), device=self.context.device)
-        self.hist_len = np.zeros(0, np.int64)
-        self.hist_rep = np.zeros((0, self.opt.history), bool)  # entry repeats an earlier query exactly
-        self.hist_pos = np.zeros(0, np.int64)
-        # per slot, the ring's newest entry (NaN: none) as a contiguous row: read for every row of every batch,
-        # where a gather from the feature-major ring would touch a cache line per feature
-        self.last_query = np.zeros((0, 0), np.float32)
+        self.history = QueryHistory(self.opt.history, self.opt.repeat_eps, self.context.device)
         self.win_dist = np.zeros((0, self.opt.window), np.float32)
         self.win_flags = np.zeros((0, self.opt.window), np.uint8)
         self.win_label = np.zeros((0, self.opt.window), np.int16)
@@ -418,7 +372,6 @@ class ExtractionDetector(Detector):
         self.batch_rate: dict[str, float] = {}  # this batch's population rate (a drift shows at once)
         self.pop_rate = self._initial_rates()
         self.findings_raised = 0
-        self._mask_cache: dict[str, torch.Tensor] = {}
 
     def _initial_rates(self) -> dict[str, float]:
         """Per signal, the benign rate assumed before the population is seen."""
@@ -444,8 +397,7 @@ class ExtractionDetector(Detector):
         """Allocate or grow the slot arrays (doubling) to cover every issued slot."""
         if self._dim is None:
             self._dim = dim
-            self.hist = torch.zeros((0, dim, self.opt.history), device=self.context.device)
-            self.last_query = np.full((self._cap, dim), np.nan, np.float32)
+            self.history.set_dim(dim, self._cap)
         elif dim != self._dim:
             raise ValueError(f"extraction: input has {dim} features but earlier records had {self._dim}; "
                              "records of different models must go to separate detector instances")
@@ -461,15 +413,11 @@ class ExtractionDetector(Detector):
         def pad(a: np.ndarray, fill: float = 0) -> np.ndarray:
             return np.concatenate([a, np.full((grow, *a.shape[1:]), fill, a.dtype)])
 
-        dev = self.context.device
-        self.hist = torch.cat([self.hist, torch.zeros((grow, self._dim, self.opt.history), device=dev)])
-        self.hist_sq = torch.cat([self.hist_sq, torch.full((grow, self.opt.history), float("inf"), device=dev)])
-        for name in ("hist_len", "hist_pos", "win_pos", "win_len", "count", "informative", "next_check",
-                     "camp_raised_at", "camp_first_count"):
+        self.history.grow(grow)
+        for name in ("win_pos", "win_len", "count", "informative", "next_check", "camp_raised_at",
+                     "camp_first_count"):
             setattr(self, name, pad(getattr(self, name)))
         self.win_dist = pad(self.win_dist, np.nan)
-        self.hist_rep = pad(self.hist_rep)
-        self.last_query = pad(self.last_query, np.nan)
         self.win_flags = pad(self.win_flags)
         self.win_label = pad(self.win_label, -1)
         if self._k is not None:
@@ -483,11 +431,7 @@ class ExtractionDetector(Detector):
         if not fresh:
             return
         f = np.asarray(fresh)
-        self.hist_len[f] = 0
-        self.hist_rep[f] = False
-        self.hist_sq[torch.as_tensor(f, device=self.context.device)] = float("inf")
-        self.hist_pos[f] = 0
-        self.last_query[f] = np.nan
+        self.history.reset(f)
         self.win_pos[f] = 0
         self.win_len[f] = 0
         self.count[f] = 0
@@ -522,7 +466,7 @@ class ExtractionDetector(Detector):
         dev = self.context.device
         x = torch.as_tensor(batch.X, dtype=torch.float32, device=dev)
         x_sq = (x * x).sum(1)
-        nearest, is_repeat_t = self._nearest_sq(x, x_sq, slots)
+        nearest, is_repeat_t = self.history.nearest_sq(x, x_sq, slots)
         d_min = torch.sqrt(nearest.clamp_min_(0)).cpu().numpy()
         is_repeat = is_repeat_t.cpu().numpy()
 
@@ -558,7 +502,7 @@ class ExtractionDetector(Detector):
                              np.asarray(batch.ids, object)[pooled])
 
         # 3. scatter into the per-client rings (history: every query; window: non-repeats only)
-        self._push_history(x, x_sq, slots, is_repeat, batch.X)
+        self.history.push(x, x_sq, slots, is_repeat, batch.X)
         np.add.at(self.count, slots, 1)
         inf_rows = np.flatnonzero(informative)
         if len(inf_rows):
@@ -636,116 +580,6 @@ class ExtractionDetector(Detector):
         if w_est:
             self.est_rows += int(established.sum())
 
-    def _nearest_sq(self, x: torch.Tensor, x_sq: torch.Tensor, slots: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Squared distance of each query to its client's nearest earlier query that it does not repeat.
-
-        Candidates are the client's last ``history`` queries (the ring) and its
-        earlier rows in this batch. Returns ``(nearest, is_repeat)``: a query
-        within ``repeat_eps`` of a candidate is an exact repeat, and its
-        distance is taken to the nearest candidate it does not repeat (+inf
-        when there is none).
-
-        Why it is shaped like this (the hot path of the whole agent): every
-        row's distances to its client's ring come from one embedding bag over
-        the whole batch (see ``_ring_dots``), and are settled for all rows at
-        once. Only clients with several rows in the batch have earlier rows to
-        compare with: those rows are grouped by client (batch order kept within
-        a group) and groups padded to the next power of two, one batched
-        product per group width: about sum(size^2) row pairs, not the n^2 of a
-        Gram matrix that is nearly all masked out when a batch holds hundreds
-        of clients (it grew with the batch: 2,048-row polls cost 3x per record).
-        """
-        dev = self.context.device
-        # the float32 norm expansion loses ~1e-7 relative precision on |x|^2, so it cannot tell a repeat from a
-        # step shorter than about sqrt(1e-6 |x|^2) (5e-3 on digits; ZOO's finite differences step 1e-4): the
-        # pairs it puts that close are measured again exactly, and repeats are judged by `repeat_eps` itself
-        loose2 = self.opt.repeat_eps ** 2 + 1e-6 * x_sq
-        exact2 = self.opt.repeat_eps ** 2
-        slots_t = torch.as_tensor(slots, device=dev)
-        # unfilled history entries hold |h|^2 = +inf, so they never win the min
-        ring = (x_sq[:, None] + self.hist_sq[slots_t]).sub_(self._ring_dots(x, slots_t), alpha=2)  # [n, history]
-        nearest = ring.amin(1)  # to any candidate
-        if bool((nearest <= loose2).any()):  # retries, finite differences: exact distances where unresolved
-            self._resolve_close_pairs(ring[:, None, :], x[:, None, :], nearest[:, None], loose2[:, None], slots)
-            nearest = ring.amin(1)
-        peer_groups = []  # (rows, valid, peers): earlier rows of the same client in this batch, [g, w], [g, w, w]
-        for rows, valid, _ in _client_groups(slots, min_size=2):
-            rows_t, valid_t = torch.as_tensor(rows, device=dev), torch.as_tensor(valid, device=dev)
-            xg, sq = x[rows_t], x_sq[rows_t]                                                      # [g, w, d], [g, w]
-            peers = torch.baddbmm(sq[:, :, None] + sq[:, None, :], xg, xg.transpose(1, 2), alpha=-2)
-            peers.masked_fill_(~valid_t[:, None, :] | self._not_earlier(rows.shape[1]), float("inf"))
-            near, close = peers.amin(-1), loose2[rows_t]
-            if bool((near <= close).any()):
-                self._resolve_close_pairs(peers, xg, near, close)
-                near = peers.amin(-1)
-            keep = torch.as_tensor(rows[valid], device=dev)
-            nearest[keep] = torch.minimum(nearest[keep], near[valid_t])
-            peer_groups.append((rows, valid, peers))
-        is_repeat = nearest <= exact2
-        distinct = nearest  # to any candidate the query does not repeat
-        rep = torch.nonzero(is_repeat)[:, 0]
-        if len(rep):  # a repeat's distance is to the nearest candidate it does not repeat
-            distinct = nearest.clone()
-            distinct[rep] = _beyond(ring[rep], exact2).amin(1)
-            repeats = is_repeat.cpu().numpy()
-            for rows, valid, peers in peer_groups:
-                g, w = np.nonzero(valid & repeats[rows])
-                if len(g):
-                    r = torch.as_tensor(rows[g, w], device=dev)
-                    g_t, w_t = torch.as_tensor(g, device=dev), torch.as_tensor(w, device=dev)
-                    distinct[r] = torch.minimum(distinct[r], _beyond(peers[g_t, w_t], exact2).amin(1))
-        return distinct, is_repeat
-
-    def _resolve_close_pairs(self, cand: torch.Tensor, xg: torch.Tensor, near: torch.Tensor, close: torch.Tensor,
-                             ring_slots: np.ndarray | None = None, numpy_path: bool | None = None) -> None:
-        """Replace, in place, the candidate squared distances at or under ``close`` (per row) by exact ones.
-
-        ``cand`` [g, w, c] holds, for the rows ``xg`` [g, w, d], the distances
-        to the entries of the history rings of ``ring_slots`` [g] (when given)
-        or else to the rows of the same group; only rows whose ``near``est
-        candidate is that close are looked at. On CPU in numpy (``numpy_path``
-        None: by device): these are a few small gathers, where torch's per-call
-        overhead cost a tenth of the detector's time.
-        """
-        if xg.device.type == "cpu" if numpy_path is None else numpy_path:
-            rows, hist, limit, cn = xg.numpy(), self.hist.numpy(), close.numpy(), cand.numpy()  # hist[slot, :, entry]
-            gr, wr = np.nonzero(near.numpy() <= limit)
-            r, j = np.nonzero(cn[gr, wr] <= limit[gr, wr][:, None])
-            g, w = gr[r], wr[r]
-            diff = rows[g, w].astype(np.float64) - (hist[ring_slots[g], :, j] if ring_slots is not None else rows[g, j])
-            cn[g, w, j] = np.einsum("ij,ij->i", diff, diff)
-            return
-        gr, wr = torch.nonzero(near <= close).unbind(1)
-        r, j = torch.nonzero(cand[gr, wr] <= close[gr, wr][:, None]).unbind(1)
-        g, w = gr[r], wr[r]
-        other = (self.hist[torch.as_tensor(ring_slots, device=xg.device)[g], :, j] if ring_slots is not None
-                 else xg[g, j])
-        cand[g, w, j] = _exact_sq(xg[g, w], other)
-
-    def _ring_dots(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """[n, history] dot products of each row with every entry of its client's history ring.
-
-        Why an embedding bag: the rings are stored feature-major ([slot,
-        feature, entry]), so row i's dot products are the sum of its client's d
-        feature rows weighted by x_i, which ``embedding_bag`` computes reading
-        each of those rows once. Gathering whole rings into a [rows, history,
-        d] copy and multiplying that was this detector's largest cost: a batch
-        of 512 rows from 500 clients touches 8 MB of rings, and the copy read
-        and wrote it once more than the product needs (measured on CPU: 1.1 vs
-        0.7 ms per batch with the rings out of cache).
-        """
-        d = x.shape[1]
-        bags = slots[:, None] * d + torch.arange(d, device=x.device)  # [n, d] rows of the flattened rings
-        return F.embedding_bag(bags, self.hist.view(-1, self.opt.history), mode="sum", per_sample_weights=x)
-
-    def _not_earlier(self, n: int) -> torch.Tensor:
-        """[n, n] mask of (i, j) with j >= i: row i may only look at earlier rows of the batch."""
-        mask = self._mask_cache.get("triu")
-        if mask is None or len(mask) < n:  # one mask of the largest size seen; smaller ones are its corner
-            mask = torch.ones(n, n, dtype=torch.bool, device=self.context.device).triu(0)
-            self._mask_cache = {"triu": mask}
-        return mask[:n, :n]
-
     def _steps_from_previous(self, X: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """How each query steps from its client's query just before it (the previous row of the client in this
         batch, else the newest entry of its history ring): whether it changes only a few features of it
@@ -758,33 +592,12 @@ class ExtractionDetector(Detector):
         xs = np.asarray(X, np.float32)[order]
         prev = np.roll(xs, 1, axis=0)
         first = np.r_[True, s_sorted[1:] != s_sorted[:-1]]
-        prev[first] = self.last_query[s_sorted[first]]
+        prev[first] = self.history.last[s_sorted[first]]
         few, near = np.zeros(len(slots), bool), np.zeros(len(slots), bool)
         few[order] = probe_pattern.few_changed(xs, prev)
         with np.errstate(invalid="ignore"):  # NaN rows: no previous query
             near[order] = np.linalg.norm(xs - prev, axis=1) <= self.dup_radius
         return few, near
-
-    def _push_history(self, x: torch.Tensor, x_sq: torch.Tensor, slots: np.ndarray, is_repeat: np.ndarray,
-                      X: np.ndarray) -> None:
-        H = self.opt.history
-        ranks = group_ranks(slots)
-        per_slot = np.bincount(slots, minlength=self._cap)
-        newest = np.flatnonzero(ranks == per_slot[slots] - 1)
-        self.last_query[slots[newest]] = np.asarray(X, np.float32)[newest]
-        keep = ranks >= per_slot[slots] - H  # only the last H rows of a client matter
-        rows = np.flatnonzero(keep)
-        pos = (self.hist_pos[slots[rows]] + ranks[rows]) % H
-        dev = self.context.device
-        s_t = torch.as_tensor(slots[rows], device=dev)
-        p_t = torch.as_tensor(pos, device=dev)
-        r_t = torch.as_tensor(rows, device=dev)
-        self.hist[s_t, :, p_t] = x[r_t]
-        self.hist_sq[s_t, p_t] = x_sq[r_t]
-        self.hist_rep[slots[rows], pos] = is_repeat[rows]
-        touched = np.flatnonzero(per_slot)
-        self.hist_pos[touched] = (self.hist_pos[touched] + per_slot[touched]) % H
-        self.hist_len[touched] = np.minimum(self.hist_len[touched] + per_slot[touched], H)
 
     def _push_window(self, slots: np.ndarray, rows: np.ndarray, dist: np.ndarray, flags: np.ndarray,
                      batch: InferenceBatch, probs: np.ndarray | None) -> None:
@@ -828,7 +641,7 @@ class ExtractionDetector(Detector):
         A batch has dozens of clients due for a check; one pass over all of
         them replaces a dozen numpy calls per client (this was a fifth of the
         detector's time). Rings and windows that are not full have never
-        wrapped: their filled part is their first ``hist_len`` / ``win_len``
+        wrapped: their filled part is their first ``history.length`` / ``win_len``
         entries.
         """
         o = self.opt
@@ -836,7 +649,7 @@ class ExtractionDetector(Detector):
         filled = np.arange(o.window)[None, :] < lengths[:, None]
         prada_w = shapiro_w_rows(np.where(filled, self.win_dist[slots], np.nan), min_size=o.min_queries)
         delta = self._delta_for(np.where(filled, self.win_label[slots], -1))
-        spread = self._spreads(slots)
+        spread = self.history.spreads(slots, o.min_queries)
         counts = _bit_counts(np.where(filled, self.win_flags[slots], 0))
         signals = [(name, bit, max(floor, self.pop_rate[name], self.batch_rate.get(name, 0.0)))
                    for name, bit, floor in self._share_signals()]
@@ -846,24 +659,6 @@ class ExtractionDetector(Detector):
             large |= usable & self._large(name, hits / np.maximum(total, 1), base)
         suspect = (prada_w < delta) | (spread < self.min_spread) | large  # NaN (untested) compares False
         return _WindowStats(lengths, prada_w, delta, spread, counts, signals, suspect)
-
-    def _spreads(self, slots: np.ndarray) -> np.ndarray:
-        """RMS distance of each client's distinct ring entries to their mean (``_benign_clients.spread``), NaN
-        with fewer than ``min_queries`` of them; in float64, as masked sums over the whole rings (one pass for
-        every client)."""
-        o = self.opt
-        use = (np.arange(o.history)[None, :] < self.hist_len[slots][:, None]) & ~self.hist_rep[slots]
-        k = use.sum(1)
-        out = np.full(len(slots), np.nan)
-        enough = np.flatnonzero(k >= o.min_queries)
-        if len(enough):
-            dev = self.hist.device
-            rings = self.hist[torch.as_tensor(slots[enough], device=dev)].double()  # [m, d, history]
-            weight = torch.as_tensor(use[enough], dtype=torch.float64, device=dev)[:, None, :]
-            k_t = torch.as_tensor(k[enough], dtype=torch.float64, device=dev)
-            centred = (rings - (rings * weight).sum(2, keepdim=True) / k_t[:, None, None]) * weight
-            out[enough] = torch.sqrt((centred * centred).sum((1, 2)) / k_t).cpu().numpy()
-        return out
 
     def _campaign_quiet(self, s: int, ts: float) -> None:
         """A check without reasons: a campaign quiet for ``campaign_quiet_s`` is over; a new flag starts another."""
@@ -1077,17 +872,10 @@ class ExtractionDetector(Detector):
             (flags & _LOW_MARGIN) > 0, (flags & _FEW_FEATURES) > 0,
             probing="near_duplicates" in reasons or "concentrated" in reasons, concentrated="concentrated" in reasons,
             near_previous=(flags & _NEAR_PREVIOUS) > 0,
-            walking="concentrated" in reasons and probe_pattern.walks(self._recent_queries(s)))
-
-    def _recent_queries(self, s: int) -> np.ndarray:
-        """Slot s's history ring (its last ``history`` queries), oldest first, exact repeats left out."""
-        n, pos, H = int(self.hist_len[s]), int(self.hist_pos[s]), self.opt.history
-        idx = np.arange(pos - n, pos) % H
-        idx = idx[~self.hist_rep[s, idx]]
-        return self.hist[s][:, torch.as_tensor(idx, device=self.hist.device)].T.cpu().numpy()
+            walking="concentrated" in reasons and probe_pattern.walks(self.history.recent(s)))
 
     # ------------------------------------------------------------ checkpoints
-    _ARRAYS = ("hist_len", "hist_rep", "hist_pos", "win_dist", "win_flags", "win_label",
+    _ARRAYS = ("win_dist", "win_flags", "win_label",
                "win_prob", "win_pos", "win_len", "count", "informative", "next_check", "camp_start",
                "camp_last_flag", "camp_raised_at", "camp_first_count")
 
@@ -1095,8 +883,7 @@ class ExtractionDetector(Detector):
         return {
             "slots": self.slots.state_dict(), "cap": self._cap, "dim": -1 if self._dim is None else self._dim,
             "k": -1 if self._k is None else self._k,
-            "hist": self.hist.transpose(1, 2).cpu().numpy(),  # entry-major [slot, entry, feature], as always stored
-            "hist_sq": self.hist_sq.cpu().numpy(),
+            **self.history.state_dict(),
             **{name: getattr(self, name) for name in self._ARRAYS},
             "ids": [self._ordered(self.win_id, s).tolist() for s in range(self._cap)],  # arrival order
             "pop_rate": dict(self.pop_rate), "batch_rate": dict(self.batch_rate),
@@ -1111,14 +898,9 @@ class ExtractionDetector(Detector):
         self._cap = int(state["cap"])
         self._dim = None if int(state["dim"]) < 0 else int(state["dim"])
         self._k = None if int(state["k"]) < 0 else int(state["k"])
-        dev = self.context.device
-        self.hist = torch.as_tensor(np.asarray(state["hist"], np.float32), device=dev).transpose(1, 2).contiguous()
-        self.hist_sq = torch.as_tensor(np.asarray(state["hist_sq"], np.float32), device=dev).clone()
+        self.history.load_state_dict(state, self._dim)
         for name in self._ARRAYS:
             setattr(self, name, np.array(state[name]))
-        self.last_query = np.full((self._cap, self._dim or 0), np.nan, np.float32)
-        filled = np.flatnonzero(self.hist_len > 0)
-        self.last_query[filled] = self.hist.cpu().numpy()[filled, :, (self.hist_pos[filled] - 1) % self.opt.history]
         W = self.opt.window
         self.win_id = np.empty((self._cap, W), object)
         for s, q in enumerate(state["ids"]):

@@ -15,6 +15,7 @@ from agent.reference import ReferenceData
 from agent.scenarios.data import benign_traffic, load
 from agent.state import load_tree, save_tree
 from detectors._client_slots import ClientSlots, group_ranks
+from detectors._query_history import QueryHistory
 from detectors._swilk import shapiro_w, shapiro_w_rows
 from detectors.base import DetectorContext
 from detectors.extraction import ExtractionDetector
@@ -150,12 +151,12 @@ def test_window_statistics_of_many_clients_are_each_clients_own(fitted: Extracti
     det = fresh_from(fitted, tmp_path)
     run(det, traffic(n_benign=3000, n_clients=30, attack="membership", n_attack=300))
     slots = np.flatnonzero(det.win_len > 0)
-    assert len(slots) > 20 and len(set(det.win_len[slots].tolist())) > 1 and det.hist_rep.any()
+    assert len(slots) > 20 and len(set(det.win_len[slots].tolist())) > 1 and det.history.repeat.any()
     got = det._window_stats(slots)
     for j, s in enumerate(slots.tolist()):
-        n, rows = int(det.win_len[s]), int(det.hist_len[s])
-        distinct = np.flatnonzero(~det.hist_rep[s, :rows])
-        ring = det.hist[s][:, torch.as_tensor(distinct)].T.double()  # the distinct entries, as rows
+        n, rows = int(det.win_len[s]), int(det.history.length[s])
+        distinct = np.flatnonzero(~det.history.repeat[s, :rows])
+        ring = det.history.ring[s][:, torch.as_tensor(distinct)].T.double()  # the distinct entries, as rows
         want = float(torch.sqrt(((ring - ring.mean(0)) ** 2).sum(1).mean())) if len(distinct) >= 48 else np.nan
         np.testing.assert_allclose(got.spread[j], want, rtol=1e-12)
         assert got.delta[j] == det._delta_for(det.win_label[s, :n])
@@ -230,13 +231,13 @@ def test_exact_recheck_gives_the_same_on_the_torch_path(fitted: ExtractionDetect
     data = traffic(n_benign=2000, attack="finite_differences", n_attack=300)
     numpy_det, torch_det = fresh_from(fitted, tmp_path), fresh_from(fitted, tmp_path)
     numpy_findings = run(numpy_det, data)
-    plain = ExtractionDetector._resolve_close_pairs
-    monkeypatch.setattr(ExtractionDetector, "_resolve_close_pairs",
+    plain = QueryHistory._resolve_close_pairs
+    monkeypatch.setattr(QueryHistory, "_resolve_close_pairs",
                         lambda self, *a: plain(self, *a, numpy_path=False))
     torch_findings = run(torch_det, data)
     assert [f.evidence["queries_at_first_detection"] for f in numpy_findings] == \
         [f.evidence["queries_at_first_detection"] for f in torch_findings]
-    np.testing.assert_array_equal(numpy_det.hist_rep, torch_det.hist_rep)
+    np.testing.assert_array_equal(numpy_det.history.repeat, torch_det.history.repeat)
     np.testing.assert_allclose(numpy_det.win_dist, torch_det.win_dist, rtol=1e-5)
     assert numpy_det.informative.sum() == torch_det.informative.sum() < 2300  # retries stay repeats
 
@@ -253,8 +254,9 @@ def test_state_round_trip_continues_exactly(fitted: ExtractionDetector, tmp_path
 
 
 def test_checkpoints_keep_the_history_entry_major(fitted: ExtractionDetector, tmp_path) -> None:
-    """In memory the history rings are feature-major (for ``_ring_dots``); checkpoints keep them as [slot, entry,
-    feature], as every earlier version wrote them, so older checkpoints load and newer ones read back right."""
+    """In memory the history rings are feature-major (for ``QueryHistory._ring_dots``); checkpoints keep them
+    as [slot, entry, feature], as every earlier version wrote them, so older checkpoints load and newer ones
+    read back right."""
     X, ts, clients, probs = traffic(n_benign=1500, n_clients=20, attack=None)
     det = fresh_from(fitted, tmp_path)
     run(det, (X, ts, clients, probs))
@@ -262,10 +264,10 @@ def test_checkpoints_keep_the_history_entry_major(fitted: ExtractionDetector, tm
     last_query = {c: X[i] for i, c in enumerate(clients)}
     for client, x in last_query.items():
         s = det.slots.slot_of(client)
-        np.testing.assert_array_equal(state["hist"][s, (det.hist_pos[s] - 1) % det.opt.history], x)
+        np.testing.assert_array_equal(state["hist"][s, (det.history.pos[s] - 1) % det.opt.history], x)
     again = fresh_from(fitted, tmp_path)
     again.load_state_dict(state)
-    np.testing.assert_array_equal(again.hist.numpy(), det.hist.numpy())
+    np.testing.assert_array_equal(again.history.ring.numpy(), det.history.ring.numpy())
 
 
 def test_eviction_is_bounded_and_counted(fitted: ExtractionDetector, tmp_path) -> None:
