@@ -51,13 +51,14 @@ calibration score.
 
 Global input shift: a drift moves every client's inputs, and a scorer that
 has only seen clean data calls much of the moved data adversarial (measured:
-100% of a brightness/contrast-shifted digits stream). ``update`` watches the
-flagged share of ordinary clients' records, time-decayed and over the last
-``shift_window`` of them; when either is ``shift_factor`` times ``fpr`` it
-raises one aggregate finding for the episode and, while it lasts,
-keeps a record flagged only when its score is extreme among the recent shifted
-traffic too, or the record is nearer the reference rows than the shifted rows
-(an attacker whose inputs did not move). ``notes["adv_score"]`` keeps the
+100% of a brightness/contrast-shifted digits stream). ``update`` watches
+the flagged share of ordinary clients' records, time-decayed and over the
+last ``shift_window`` of them (``_shift_guard.ShiftGuard``); when either is
+``shift_factor`` times ``fpr`` it raises one aggregate finding for the
+episode and, while it lasts, keeps a record flagged only when its score is
+extreme among the recent shifted traffic too, or the record is nearer the
+reference rows than the shifted rows (an attacker whose inputs did not
+move). ``notes["adv_score"]`` keeps the
 plain calibrated p-value; ``notes["adv_flagged"]`` says what counted.
 
 Findings: one per flagged record (ATLAS AML.T0015 Evade AI Model, crafted by
@@ -87,18 +88,13 @@ from detectors import _attacks as attacks
 from detectors._adv_features import N_FEATURES, FeatureExtractor, FeatureSpec, Forward, fit_spec
 from detectors._client_slots import ClientSlots, EvictionAlarm
 from detectors._conformal import OrCalibrator
+from detectors._shift_guard import ShiftGuard
 from detectors.base import Detector, DetectorOptions
 
 log = logging.getLogger(__name__)
 
 WHITE_BOX = ("AML.T0015", "AML.T0043.000")
 BLACK_BOX = ("AML.T0015", "AML.T0043.001")
-
-
-def _min_sqdist(q: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """Squared distance of each query row to its nearest point."""
-    d2 = (q * q).sum(1)[:, None] - 2 * q @ points.T + (points * points).sum(1)[None, :]
-    return np.maximum(d2, 0).min(1)
 
 
 def _forward(model, hidden_layer: bool) -> Forward:
@@ -518,9 +514,17 @@ class AdversarialDetector(Detector):
         ends = np.r_[starts[1:], n]
         inverse = np.searchsorted(uniq, slots)
         near_dup = self._near_duplicates(batch.X, order, starts, uniq)
-        flagged, shift_finding = self._global_shift(batch, scores, raw_flagged, inverse, uniq)
+        ts = float(batch.ts[-1])
+        shift = self.shift.judge(batch.X, ts, scores, raw_flagged, inverse, uniq, list(self._campaigns),
+                                 self.spec.knn_scale, self.spec.knn_points)
+        flagged = shift.flagged
+        self._counters["shift_suppressed"] += shift.suppressed
+        shift_finding = None
+        if shift.started is not None:
+            self._counters["shift_episodes"] += 1
+            shift_finding = self._shift_finding(batch, shift.started, ts)
         notes["adv_flagged"] = flagged
-        notes["adv_global_shift"] = self._shift is not None
+        notes["adv_global_shift"] = self.shift.active
         findings: list[Finding] = []
         black_box = self._client_totals(batch, uniq, inverse, order[ends - 1], flagged, near_dup)
         # only clients with flagged rows or an open campaign need a look; in first-arrival order
@@ -542,9 +546,7 @@ class AdversarialDetector(Detector):
         """Grow the per-slot arrays to the slot table's high-water mark; reset reused slots."""
         need = self.slots.high_water
         dim = len(self.spec.mean)
-        if self._bg_inputs.shape[1] != dim:  # built before the input width was known
-            self._bg_inputs = np.zeros((self.opts.shift_input_window, dim), np.float32)
-            self._bg_inputs_fill = self._bg_inputs_pos = 0
+        self.shift.set_dim(dim)  # built before the input width was known
         if need > len(self._total):
             cap = max(need, min(self.opts.max_clients, 2 * len(self._total) + 64))
             grow = cap - len(self._total)
@@ -594,131 +596,7 @@ class AdversarialDetector(Detector):
         self._has_last[uniq] = True
         return self._dup[uniq] >= self.opts.black_box_share * np.maximum(self._total[uniq], 1e-9)
 
-    # ------------------------------------------------------------ global shift
-    def _global_shift(self, batch: InferenceBatch, scores: np.ndarray, raw_flagged: np.ndarray,
-                      inverse: np.ndarray, uniq: np.ndarray) -> tuple[np.ndarray, Finding | None]:
-        """Tell a global input shift from targeted evasion; returns the flags that count and an episode finding.
-
-        Attackers are few clients; a drift (new camera, new upstream feature
-        pipeline) moves every client's inputs, and the learned scorer, which
-        has only ever seen clean reference data, calls much of the moved data
-        adversarial. The *background* flagged rate (records of all clients but
-        the batch's heaviest flaggers and open campaigns) tells the two
-        apart: near ``fpr`` in normal traffic, many times it under a shift.
-        While it is high, a record only counts as flagged when its score is
-        also extreme among the recent background scores (the shifted normal),
-        so a real attack during a drift still stands out, while the drift
-        itself gives one aggregate finding per episode instead of a flood.
-        """
-        k = len(uniq)
-        per_client = np.bincount(inverse, weights=raw_flagged, minlength=k)
-        heavy = np.zeros(k, dtype=bool)
-        top = max(2, int(np.ceil(self.opts.shift_top_share * k)))
-        heavy[np.argsort(-per_client, kind="stable")[:top]] = True
-        heavy &= per_client > 0
-        heavy |= np.isin(uniq, list(self._campaigns))
-        background = ~heavy[inverse]
-        ts = float(batch.ts[-1])
-        if self._bg_ts is not None:
-            decay = 0.5 ** (max(ts - self._bg_ts, 0.0) / self.opts.shift_half_life_s)
-            self._bg_total *= decay
-            self._bg_flagged *= decay
-        self._bg_ts = ts
-        self._bg_total += float(background.sum())
-        self._bg_flagged += float(raw_flagged[background].sum())
-        rate = self._bg_flagged / max(self._bg_total, 1e-9)
-        # this batch's own background scores count as shifted normal too: at a shift's onset the window
-        # otherwise still holds only pre-shift scores and the first shifted batch would flood
-        self._push_background(scores[background], raw_flagged[background])
-        # Two views of the background rate: the time-decayed one is steady but, diluted by minutes of normal
-        # traffic, takes seconds to cross at a shift's onset (measured in the demo: 842 benign records flagged
-        # in the 2.4 s before the episode was declared); the flagged share of the last `shift_window`
-        # background records crosses within the first shifted batch. Either declares the shift.
-        recent = float(self._bg_flags[: self._bg_fill].mean()) if self._bg_fill >= self.opts.shift_min_records \
-            else 0.0
-        level = self.opts.shift_factor * self.opts.fpr
-        shifted = (self._bg_total >= self.opts.shift_min_records and rate >= level) or recent >= level
-        flagged = raw_flagged
-        finding = None
-        if shifted:
-            window = self._bg_scores[: self._bg_fill]
-            if len(window):
-                n_ge = len(window) - np.searchsorted(np.sort(window), scores, side="left")
-                local_p = (1.0 + n_ge) / (len(window) + 1.0)
-                flagged = raw_flagged & ((local_p <= self.opts.fpr)
-                                         | self._apart_from_shift(batch.X, raw_flagged, background))
-            if self._shift is None:
-                self._shift = {"start_ts": ts, "suppressed": 0}
-                self._counters["shift_episodes"] += 1
-                finding = self._shift_finding(batch, max(rate, recent), ts)
-            suppressed = int(raw_flagged.sum() - flagged.sum())
-            self._shift["suppressed"] += suppressed
-            self._counters["shift_suppressed"] += suppressed
-        elif self._shift is not None and max(rate, recent) < 0.5 * level:
-            self._shift = None
-        self._push_background_inputs(batch.X[background & ~flagged])
-        return flagged, finding
-
-    def _apart_from_shift(self, X: np.ndarray, raw_flagged: np.ndarray, background: np.ndarray) -> np.ndarray:
-        """Flagged rows nearer to the reference rows than to the shifted traffic: not part of the shift.
-
-        An attacker whose inputs did not move with everyone else's (its own
-        data, its own pipeline) stays close to the old normal, while the
-        shifted benign rows sit among each other. Distances are measured in
-        the k-NN feature scale against the reference rows and against the
-        recent shifted rows plus this batch's other background rows. A shift
-        that only adds noise to every input fools the first test (a noisy row
-        is nearer a clean reference row than another noisy row), so the row
-        must also be nearer the reference than ``shift_apart_quantile`` of the
-        shifted rows are. Measured by ``test_a_noise_shift_is_not_taken_for_
-        attackers_whose_inputs_did_not_move`` (noise of 0.1 of the range on
-        every benign digit, 120 clients, two PGD attackers): per-record
-        findings on benign 2,100 -> 398 of 12,000, benign clients with a
-        campaign finding 64 -> 0, both attackers still found.
-        """
-        rows = np.flatnonzero(raw_flagged)
-        out = np.zeros(len(X), dtype=bool)
-        if len(rows) == 0:
-            return out
-        scale = self.spec.knn_scale
-        q = X[rows] / scale
-        ref = self.spec.knn_points
-        d_ref = _min_sqdist(q, ref)
-        mates = np.flatnonzero(background)
-        pool = np.concatenate([self._bg_inputs[: self._bg_inputs_fill], X[mates]]) / scale
-        if len(pool) == 0:
-            return out
-        d2 = np.maximum((q * q).sum(1)[:, None] - 2 * q @ pool.T + (pool * pool).sum(1)[None, :], 0)
-        if len(mates):
-            own = np.searchsorted(mates, rows)
-            is_mate = (own < len(mates)) & (mates[np.minimum(own, len(mates) - 1)] == rows)
-            d2[np.flatnonzero(is_mate), self._bg_inputs_fill + own[is_mate]] = np.inf  # not its own neighbour
-        # and nearer the reference than the shifted rows themselves typically are: under a shift that only
-        # blurs (noise on every input), a noisy row's nearest reference row is nearer than any other noisy
-        # row too, yet it moved as far as all of them
-        typical = np.quantile(_min_sqdist(pool, ref), self.opts.shift_apart_quantile)
-        out[rows] = (d_ref < d2.min(1)) & (d_ref < typical)
-        return out
-
-    def _push_background_inputs(self, X: np.ndarray) -> None:
-        size = len(self._bg_inputs)
-        X = X[-size:]
-        idx = (self._bg_inputs_pos + np.arange(len(X))) % size
-        self._bg_inputs[idx] = X
-        self._bg_inputs_pos = int((self._bg_inputs_pos + len(X)) % size)
-        self._bg_inputs_fill = min(size, self._bg_inputs_fill + len(X))
-
-    def _push_background(self, scores: np.ndarray, flags: np.ndarray) -> None:
-        """Ring buffer of the most recent background scores (the shifted normal, when the stream shifts) and
-        of whether each was flagged (the recent background rate)."""
-        size = len(self._bg_scores)
-        scores, flags = scores[-size:], flags[-size:]
-        idx = (self._bg_pos + np.arange(len(scores))) % size
-        self._bg_scores[idx] = scores
-        self._bg_flags[idx] = flags
-        self._bg_pos = int((self._bg_pos + len(scores)) % size)
-        self._bg_fill = min(size, self._bg_fill + len(scores))
-
+    # ------------------------------------------------------------ global shift (_shift_guard)
     def _shift_finding(self, batch: InferenceBatch, rate: float, ts: float) -> Finding:
         return Finding(
             family="evasion", detector=self.name,
@@ -778,7 +656,7 @@ class AdversarialDetector(Detector):
                       "decayed_total": round(total, 3), "min_share": self.opts.client_min_share,
                       "near_duplicate_share": round(float(self._dup[slot]) / max(total, 1e-9), 3),
                       "campaign_start_ts": camp["start_ts"], "last_ts": ts, "fpr": self.opts.fpr,
-                      "min_p": float(p[rows].min()), "during_global_shift": self._shift is not None},
+                      "min_p": float(p[rows].min()), "during_global_shift": self.shift.active},
             attacks=BLACK_BOX if black_box else WHITE_BOX,
             confidence=float(min(1.0, n_flagged / max(total, 1e-9) + 0.3)),
             message=(f"client {client} sent {camp['count']} inputs flagged as adversarial since ts "
@@ -824,17 +702,11 @@ class AdversarialDetector(Detector):
         self._has_last = np.zeros(0, dtype=bool)
         self._recent: dict[int, deque] = {}
         self._campaigns: dict[int, dict[str, Any]] = {}
-        self._bg_ts: float | None = None
-        self._bg_total = 0.0
-        self._bg_flagged = 0.0
-        self._bg_scores = np.zeros(self.opts.shift_window)
-        self._bg_flags = np.zeros(self.opts.shift_window, dtype=bool)
-        self._bg_pos = 0
-        self._bg_fill = 0
-        self._shift: dict[str, Any] | None = None
-        self._bg_inputs = np.zeros((self.opts.shift_input_window, dim), np.float32)
-        self._bg_inputs_pos = 0
-        self._bg_inputs_fill = 0
+        o = self.opts
+        self.shift = ShiftGuard(fpr=o.fpr, factor=o.shift_factor, top_share=o.shift_top_share,
+                                half_life_s=o.shift_half_life_s, min_records=o.shift_min_records,
+                                window=o.shift_window, input_window=o.shift_input_window,
+                                apart_quantile=o.shift_apart_quantile, dim=dim)
 
     @property
     def client_count(self) -> int:
@@ -850,12 +722,7 @@ class AdversarialDetector(Detector):
             "dup": self._dup[:used], "last_x": self._last_x[:used], "has_last": self._has_last[:used],
             "recent": {str(s): list(d) for s, d in self._recent.items() if d},
             "campaigns": {str(s): {**c, "ids": list(c["ids"])} for s, c in self._campaigns.items()},
-            "background": {"ts": np.nan if self._bg_ts is None else self._bg_ts, "total": self._bg_total,
-                           "flagged": self._bg_flagged, "scores": self._bg_scores, "flags": self._bg_flags,
-                           "pos": self._bg_pos,
-                           "fill": self._bg_fill, "shift": dict(self._shift) if self._shift else {},
-                           "inputs": self._bg_inputs, "inputs_pos": self._bg_inputs_pos,
-                           "inputs_fill": self._bg_inputs_fill},
+            "background": self.shift.state_dict(),
             "counters": {**self._counters, "evicted_clients": self.slots.evictions},
         }
 
@@ -870,19 +737,5 @@ class AdversarialDetector(Detector):
         self._has_last = np.asarray(state["has_last"], bool).copy()
         self._recent = {int(s): deque(ids, maxlen=32) for s, ids in state["recent"].items()}
         self._campaigns = {int(s): {**c, "ids": list(c["ids"])} for s, c in state["campaigns"].items()}
-        bg = state["background"]
-        self._bg_ts = None if np.isnan(float(bg["ts"])) else float(bg["ts"])
-        self._bg_total, self._bg_flagged = float(bg["total"]), float(bg["flagged"])
-        scores = np.asarray(bg["scores"], np.float64)
-        self._bg_scores[: len(scores)] = scores[: len(self._bg_scores)]
-        flags = np.asarray(bg.get("flags", np.zeros(0)), bool)  # checkpoints before the recent rate: none
-        self._bg_flags[: len(flags)] = flags[: len(self._bg_flags)]
-        self._bg_pos, self._bg_fill = int(bg["pos"]) % len(self._bg_scores), min(int(bg["fill"]), len(self._bg_scores))
-        self._shift = dict(bg["shift"]) or None
-        inputs = np.asarray(bg["inputs"], np.float32)
-        if inputs.shape[1:] == self._bg_inputs.shape[1:]:
-            keep = min(len(inputs), len(self._bg_inputs))
-            self._bg_inputs[:keep] = inputs[:keep]
-            self._bg_inputs_pos = int(bg["inputs_pos"]) % len(self._bg_inputs)
-            self._bg_inputs_fill = min(int(bg["inputs_fill"]), len(self._bg_inputs))
+        self.shift.load_state_dict(state["background"])
         self._counters.update({k: int(v) for k, v in state["counters"].items()})

@@ -363,20 +363,14 @@ def test_apart_from_shift_with_no_background_rows_in_the_batch() -> None:
     """Regression (seen in the demo): every row of a batch flagged, none left as background, must not crash."""
     import numpy as np
 
-    from detectors.adversarial import AdversarialDetector
+    from detectors._shift_guard import ShiftGuard
 
-    det = AdversarialDetector.__new__(AdversarialDetector)
-    det.opts = AdversarialDetector.Options()
-    det._bg_inputs = np.random.default_rng(0).random((8, 4)).astype(np.float32)
-    det._bg_inputs_fill = 8
-
-    class _Spec:
-        knn_scale = np.ones(4, np.float32)
-        knn_points = np.zeros((3, 4), np.float32)
-
-    det.spec = _Spec()
+    guard = ShiftGuard(fpr=0.01, factor=5.0, top_share=0.05, half_life_s=120.0, min_records=300, window=1024,
+                       input_window=8, apart_quantile=0.1, dim=4)
+    guard.inputs = np.random.default_rng(0).random((8, 4)).astype(np.float32)
+    guard.inputs_fill = 8
     X = np.ones((5, 4), np.float32)
-    out = det._apart_from_shift(X, np.ones(5, bool), np.zeros(5, bool))
+    out = guard.apart(X, np.ones(5, bool), np.zeros(5, bool), np.ones(4, np.float32), np.zeros((3, 4), np.float32))
     assert out.shape == (5,) and out.dtype == bool
 
 
