@@ -58,8 +58,8 @@ last ``shift_window`` of them (``_shift_guard.ShiftGuard``); when either is
 episode and, while it lasts, keeps a record flagged only when its score is
 extreme among the recent shifted traffic too, or the record is nearer the
 reference rows than the shifted rows (an attacker whose inputs did not
-move). ``notes["adv_score"]`` keeps the
-plain calibrated p-value; ``notes["adv_flagged"]`` says what counted.
+move). ``notes["adv_score"]`` keeps the plain calibrated p-value;
+``notes["adv_flagged"]`` says what counted.
 
 Findings: one per flagged record (ATLAS AML.T0015 Evade AI Model, crafted by
 AML.T0043.000 white-box optimisation, or AML.T0043.001 black-box
