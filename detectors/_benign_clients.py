@@ -60,6 +60,11 @@ class SimulatedWindows:
     dup_hits: int  # near duplicates in the full windows ...
     dup_total: int  # ... of this many queries
 
+    @property
+    def dup_rate(self) -> float:
+        """The benign near-duplicate rate: the share of the full windows' queries that are near duplicates."""
+        return self.dup_hits / max(self.dup_total, 1)
+
 
 @dataclass(frozen=True)
 class BenignClients:

@@ -22,10 +22,14 @@ from typing import Any
 import numpy as np
 
 
+def sqdist(q: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """[queries, points] squared distances (norm expansion, clipped at 0)."""
+    return np.maximum((q * q).sum(1)[:, None] - 2 * q @ points.T + (points * points).sum(1)[None, :], 0)
+
+
 def min_sqdist(q: np.ndarray, points: np.ndarray) -> np.ndarray:
     """Squared distance of each query row to its nearest point."""
-    d2 = (q * q).sum(1)[:, None] - 2 * q @ points.T + (points * points).sum(1)[None, :]
-    return np.maximum(d2, 0).min(1)
+    return sqdist(q, points).min(1)
 
 
 @dataclass(frozen=True)
@@ -159,7 +163,7 @@ class ShiftGuard:
         pool = np.concatenate([self.inputs[: self.inputs_fill], X[mates]]) / knn_scale
         if len(pool) == 0:
             return out
-        d2 = np.maximum((q * q).sum(1)[:, None] - 2 * q @ pool.T + (pool * pool).sum(1)[None, :], 0)
+        d2 = sqdist(q, pool)
         if len(mates):
             own = np.searchsorted(mates, rows)
             is_mate = (own < len(mates)) & (mates[np.minimum(own, len(mates) - 1)] == rows)

@@ -276,22 +276,21 @@ class ExtractionDetector(Detector):
         benign = BenignClients(o.history, o.window, o.min_queries, o.repeat_eps, o.prada_simulations, o.prada_fpr)
         sim = benign.windows(X, lambda s: torch.as_tensor(rng.integers(0, n, (s, length)), device=X.device),
                              self.dup_radius)
-        w_full, spreads, dup_hits, dup_total = sim.w_full, sim.spreads, sim.dup_hits, sim.dup_total
-        if not w_full:
+        if not sim.w_full:
             raise ValueError("extraction: reference data has too many exact duplicates to calibrate; "
                              "give more distinct reference rows")
         q_small = w_quantile(np.asarray(sim.w_first), o.prada_fpr)
-        q_full = w_quantile(np.asarray(w_full), o.prada_fpr)
+        q_full = w_quantile(np.asarray(sim.w_full), o.prada_fpr)
         self.delta = min(q_small, q_full)
         self.delta_by_classes = benign.deltas_by_class_count(X, reference.y, rng, self.delta, self.dup_radius)
-        self.benign_dup_rate = max(o.min_dup_rate, dup_hits / max(dup_total, 1))
-        self.min_spread = float(np.quantile(spreads, 0.001)) * o.spread_factor if spreads else 0.0
+        self.benign_dup_rate = max(o.min_dup_rate, sim.dup_rate)
+        self.min_spread = float(np.quantile(sim.spreads, 0.001)) * o.spread_factor if sim.spreads else 0.0
         self.calibration = {
             "delta": self.delta, "w_min_queries_quantile": q_small, "w_window_quantile": q_full,
-            "w_benign_median": float(np.median(w_full)), "dup_radius": self.dup_radius,
-            "benign_dup_rate": dup_hits / max(dup_total, 1), "simulated_clients": len(w_full),
+            "w_benign_median": float(np.median(sim.w_full)), "dup_radius": self.dup_radius,
+            "benign_dup_rate": sim.dup_rate, "simulated_clients": len(sim.w_full),
             "reference_rows": n, "min_spread": self.min_spread,
-            "benign_spread_median": float(np.median(spreads)) if spreads else None,
+            "benign_spread_median": float(np.median(sim.spreads)) if sim.spreads else None,
             "delta_by_classes": [list(kd) for kd in self.delta_by_classes],
             "prada": "on" if self.delta > 0 else "off: benign W spreads too wide for a threshold at prada_fpr",
         }
@@ -301,7 +300,7 @@ class ExtractionDetector(Detector):
             # ln(1 - W) puts the prada_fpr quantile below 0. The other tests still run.
             log.warning("extraction: the PRADA test is off for this reference: simulated benign clients' W "
                         "(median %.3f) puts the %g quantile at %.3f, below any W; the other tests still run",
-                        float(np.median(w_full)), o.prada_fpr, self.delta)
+                        float(np.median(sim.w_full)), o.prada_fpr, self.delta)
 
     def _delta_for(self, labels: np.ndarray) -> Any:
         """delta for a window answered as ``labels`` (-1: unknown): that of the largest simulated class count
