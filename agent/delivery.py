@@ -645,6 +645,7 @@ class LaneCounters:
     dropped_by_severity: dict[str, int] = field(default_factory=dict)
     blocked: int = 0  # deliver() calls refused because the spool was full (block)
     rate_limited: int = 0  # findings over the rate limit (spooled, sent later)
+    reclaimed: int = 0  # findings the sink took, then found not received (Sink.reclaim): spooled again
 
 
 def _full_jitter(attempt: int, initial: float, cap: float) -> float:
@@ -732,6 +733,36 @@ class _Lane:
         return ok
 
     def _attempt(self, batch: Sequence[Finding]) -> bool:
+        try:
+            return self._export(batch)
+        finally:
+            self.take_back()
+
+    def take_back(self) -> None:
+        """Spool again what the sink had taken but found was not received (``Sink.reclaim``).
+
+        They were acknowledged to the pipeline already (its offsets may be committed),
+        so they go to the spool even past its bound or under ``block``: refusing or
+        dropping them would lose them. They arrive after findings raised later.
+        """
+        try:
+            lost = self.sink.reclaim()
+        except Exception as exc:  # noqa: BLE001 - a sink's bug must not crash the pipeline
+            log.warning("sink %s: reclaim raised %s: %s", self.name, type(exc).__name__, exc)
+            return
+        if not lost:
+            return
+        records = [SpoolRecord.encode(f) for f in lost]
+        with self.state_lock:
+            self.spool.append(records)
+            self.counters.spooled += len(records)
+            self.counters.reclaimed += len(records)
+            self.down = True
+        self.wake.set()
+        log.warning("sink %s: %d finding(s) it had taken were not received; spooled to be sent again",
+                    self.name, len(records))
+
+    def _export(self, batch: Sequence[Finding]) -> bool:
         try:
             result = self.sink.export(batch)
         except SinkConfigurationError as exc:
@@ -898,7 +929,7 @@ class _Lane:
         return {
             "delivered": c.delivered, "spooled": c.spooled, "export_failures": c.export_failures,
             "dropped": c.dropped, "dropped_by_severity": dict(c.dropped_by_severity), "blocked": c.blocked,
-            "rate_limited": c.rate_limited, "deduplicated": self.aggregator.deduplicated,
+            "rate_limited": c.rate_limited, "reclaimed": c.reclaimed, "deduplicated": self.aggregator.deduplicated,
             "aggregates": self.aggregator.aggregates, "spool_records": self.spool.records,
             "spool_bytes": self.spool.disk_bytes, "spool_max_bytes": int(self.options.spool_max_bytes),
             "spool_corrupt_records": self.spool.corrupt_records,
@@ -962,15 +993,19 @@ class Delivery:
             ok = lane.offer((), flush_pending=True) and ok
             lane.wake.set()
         for lane in self.lanes:
-            while not lane.spool.empty and lane.disabled_reason is None and time.monotonic() < deadline:
-                lane.wake.set()
-                time.sleep(0.01)
-            ok = ok and lane.spool.empty
-            try:
-                ok = lane.sink.force_flush(max(0.0, deadline - time.monotonic())) and ok
-            except Exception as exc:  # noqa: BLE001 - one sink must not stop the others' flush
-                log.warning("sink %s: force_flush raised %s", lane.name, exc)
-                ok = False
+            while True:
+                while not lane.spool.empty and lane.disabled_reason is None and time.monotonic() < deadline:
+                    lane.wake.set()
+                    time.sleep(0.01)
+                try:
+                    flushed = lane.sink.force_flush(max(0.0, deadline - time.monotonic()))
+                except Exception as exc:  # noqa: BLE001 - one sink must not stop the others' flush
+                    log.warning("sink %s: force_flush raised %s", lane.name, exc)
+                    flushed = False
+                lane.take_back()  # what the flush found not received goes round again
+                if lane.spool.empty or lane.disabled_reason is not None or time.monotonic() >= deadline:
+                    break
+            ok = ok and flushed and lane.spool.empty
         return ok
 
     def shutdown(self) -> None:
@@ -986,12 +1021,13 @@ class Delivery:
             lane.wake.set()
         for lane in self.lanes:
             lane.thread.join(timeout=30)
-            with lane.state_lock:
-                lane.spool.close()
             try:
                 lane.sink.shutdown()
             except Exception as exc:  # noqa: BLE001 - one sink must not stop the others' shutdown
                 log.warning("sink %s: shutdown raised %s", lane.name, exc)
+            lane.take_back()  # what the sink's last check found not received waits in the spool for the restart
+            with lane.state_lock:
+                lane.spool.close()
             if not lane.spool.empty:
                 log.warning("sink %s: %d findings stay in the spool %s for the next run", lane.name,
                             lane.spool.records, lane.spool.directory)

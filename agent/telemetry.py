@@ -489,6 +489,10 @@ class Telemetry:
             "inferwatch.sink.spool.refused", callbacks=[self._spool_reader("blocked")], unit="{call}",
             description="Deliveries refused because the spool was full (spool_full_policy: block; "
                         "consumption pauses).")
+        meter.create_observable_counter(
+            "inferwatch.sink.findings.reclaimed", callbacks=[self._spool_reader("reclaimed")], unit="{finding}",
+            description="Findings a sink had taken and then found were not received (a syslog receiver that "
+                        "rejected the session): spooled and sent again.")
 
     # -- the pipeline's interface ----------------------------------------------------------
 

@@ -81,6 +81,16 @@ class Sink(ABC):
         """Push out anything buffered; True when nothing is left pending."""
         return True
 
+    def reclaim(self) -> list[Finding]:
+        """Findings this sink returned ``SUCCESS`` for but has since learnt were not received.
+
+        For transports without acknowledgement (plain TCP syslog): a receiver that
+        rejects a session shows it only after the bytes were written. The delivery
+        layer calls this after every export and flush and spools what it gets, to be
+        sent again. Each finding is handed back once. Default: none.
+        """
+        return []
+
     def shutdown(self) -> None:
         """Flush and release resources; no export after this."""
         self._shut_down = True

@@ -20,10 +20,22 @@ octet-counting mandatory; over UDP (RFC 5426) one datagram per message.
 Delivery semantics (the contract with ``agent/delivery.py``, which wraps every
 sink with retries, backoff, spooling and dedup): :meth:`SyslogSink.export` makes
 one delivery attempt and returns ``SUCCESS`` only when every message of the
-call was written to the socket. A kept-open TCP/TLS connection that the
-receiver closed is noticed before writing (a syslog receiver never sends
-application data, so a readable socket means end-of-stream) and, if writing on
-it still fails, the sink reconnects once and re-sends the whole call.
+call was written to the socket. Before each write the kept TCP/TLS connection
+is checked (a syslog receiver never sends application data, so a readable
+socket means the session ended):
+
+- closed cleanly (FIN, no reset): the receiver read everything it got before it
+  closed (a receiver that closes with bytes unread resets the connection
+  instead); the sink reconnects and writes;
+- answered with data, or reset: bytes already written may never have been read.
+  TCP syslog has no acknowledgement, so the findings written on that connection
+  in the last ``resend_window_s`` are handed back to the delivery layer
+  (:meth:`SyslogSink.reclaim`), which spools them and sends them again (at least
+  once: the same ``finding_info.uid``), and the call fails.
+
+If writing on a kept connection fails, the sink reconnects once and re-sends
+the whole call. :meth:`SyslogSink.force_flush` waits out the window of the last
+write, so a session rejected right after it is noticed too.
 """
 
 from __future__ import annotations
@@ -33,7 +45,11 @@ import os
 import select
 import socket
 import ssl
+import threading
+import time
+from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -90,6 +106,18 @@ _CLIENT_CERT_REJECTED = {
     "TLSV1_ALERT_ACCESS_DENIED",
 }
 _TLS_CONFIRM_S = 0.25  # how long a new TLS 1.3 session waits for a late rejection (see _confirm_tls_session)
+# Findings kept for re-sending, at most: a rate of alerts that fills it within resend_window_s is a flood that
+# the delivery layer's dedup and rate limit are for; past it the oldest are no longer kept.
+_RESEND_MAX_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class _Written:
+    """One export call's findings, written on the current connection at ``at`` (monotonic seconds)."""
+
+    at: float
+    findings: tuple[Finding, ...]
+    nbytes: int
 
 
 def _printable_ascii(value: str) -> bool:
@@ -134,6 +162,12 @@ class SyslogOptions(SinkOptions):
     hostname: str | None = Field(default=None, description="default: this machine's FQDN")
     facility: int = Field(default=FACILITIES["local0"], description="0-23 or a name such as local0")
     timeout_s: float = Field(default=5.0, gt=0)
+    resend_window_s: float = Field(
+        default=1.0, ge=0, le=60,
+        description="TCP/TLS: findings written in the last this many seconds are sent again (via the spool) when "
+                    "the receiver turns out to have rejected the session (it answered with data or reset the "
+                    "connection); 0: off",
+    )
     vendor: str = cef.DEFAULT_VENDOR
     product: str = cef.DEFAULT_PRODUCT
     leef_delimiter: str = leef.DEFAULT_DELIMITER
@@ -226,6 +260,10 @@ class SyslogSink(Sink):
         self._hostname = options.hostname or header_token(socket.getfqdn(), 255)
         self._socket: socket.socket | None = None
         self._tls_context = self._make_tls_context() if options.protocol == "tls" else None
+        self._lock = threading.Lock()  # export and force_flush may come from different threads
+        self._unconfirmed: deque[_Written] = deque()  # written on self._socket within the resend window
+        self._unconfirmed_bytes = 0
+        self._rejected: list[Finding] = []  # for reclaim(): written, then the session was rejected
 
     # -- rendering ---------------------------------------------------------
 
@@ -337,25 +375,37 @@ class SyslogSink(Sink):
         finally:
             tls.settimeout(self.options.timeout_s)
 
-    def _peer_closed(self, sock: socket.socket) -> bool:
-        """True if a kept-open stream was closed by the receiver (which never sends us data)."""
+    def _session_state(self, sock: socket.socket) -> Literal["open", "closed", "rejected"]:
+        """How a kept-open stream stands (see the module docstring): ``closed`` when the receiver ended it
+        after reading everything it got, ``rejected`` when it answered with data or reset the connection."""
         try:
             readable, _, _ = select.select([sock], [], [], 0)
             if not readable:
-                return False
+                return "open"
             sock.setblocking(False)
             try:
-                return sock.recv(1) == b""  # b"" is end-of-stream; data would be unexpected but harmless
+                data = sock.recv(1)
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                data = b""  # TLS ended, with or without close_notify: an end of stream like a FIN
             finally:
                 sock.settimeout(self.options.timeout_s)
+            if data:
+                return "rejected"  # a syslog receiver never sends application data
+            # A FIN: and did bytes we wrote after it come back as a reset (SO_ERROR)?
+            return "rejected" if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) else "closed"
         except ssl.SSLWantReadError:
-            return False  # TLS 1.3 session tickets made it readable; nothing is wrong
+            return "open"  # TLS 1.3 session tickets made it readable; nothing is wrong
         except (OSError, ValueError):
-            return True
+            return "rejected"
 
-    def _close(self, graceful: bool = False) -> None:
-        """Drop the connection; ``graceful`` also ends a TLS session with close_notify,
-        so the receiver logs a clean close rather than an "unexpected EOF" error."""
+    def _close(self, graceful: bool = False, rejected: bool = False) -> None:
+        """Drop the connection. ``rejected``: what was written on it may be unread, so the findings of the
+        resend window go to :meth:`reclaim`; else the receiver had them. ``graceful`` also ends a TLS session
+        with close_notify, so the receiver logs a clean close rather than an "unexpected EOF" error."""
+        if rejected:
+            self._rejected += [f for w in self._unconfirmed for f in w.findings]
+        self._unconfirmed.clear()
+        self._unconfirmed_bytes = 0
         sock, self._socket = self._socket, None
         if sock is None:
             return
@@ -367,19 +417,43 @@ class SyslogSink(Sink):
         finally:
             sock.close()
 
-    def _send_stream(self, data: bytes) -> None:
-        """Write ``data`` on the kept connection, reconnecting once if the old one broke."""
+    def _confirm(self, now: float) -> None:
+        """The connection is open now: findings written more than the resend window ago were taken."""
+        window = self.options.resend_window_s
+        while self._unconfirmed and (now - self._unconfirmed[0].at >= window
+                                     or self._unconfirmed_bytes > _RESEND_MAX_BYTES):
+            self._unconfirmed_bytes -= self._unconfirmed.popleft().nbytes
+
+    def _written(self, findings: Sequence[Finding], nbytes: int) -> None:
+        if self.options.resend_window_s > 0:
+            self._unconfirmed.append(_Written(time.monotonic(), tuple(findings), nbytes))
+            self._unconfirmed_bytes += nbytes
+
+    def _send_stream(self, data: bytes, findings: Sequence[Finding]) -> bool:
+        """Write ``data`` on the kept connection, reconnecting once if the old one broke. False, with
+        nothing written, when the old session turns out rejected (its findings are then for reclaim())."""
         reused = self._socket is not None
-        if self._socket is not None and self._peer_closed(self._socket):
-            self._close()
-            reused = False
+        if self._socket is not None:
+            state = self._session_state(self._socket)
+            if state == "open":
+                self._confirm(time.monotonic())
+            else:
+                pending = sum(len(w.findings) for w in self._unconfirmed)
+                self._close(rejected=state == "rejected")
+                reused = False
+                if state == "rejected":
+                    log.warning("syslog sink %s: %s rejected the session (answered with data or reset it); "
+                                "%d finding(s) written on it in the last %.1f s will be sent again", self.name,
+                                self.options.address, pending, self.options.resend_window_s)
+                    return False
         if self._socket is None:
             self._socket = self._connect()
         try:
             self._socket.sendall(data)
-            return
+            self._written(findings, len(data))
+            return True
         except OSError as error:
-            self._close()
+            self._close(rejected=True)
             if not reused:
                 raise
             log.info(
@@ -389,8 +463,10 @@ class SyslogSink(Sink):
         try:
             self._socket.sendall(data)
         except OSError:
-            self._close()
+            self._close(rejected=True)
             raise
+        self._written(findings, len(data))
+        return True
 
     def _send_datagrams(self, messages: list[bytes]) -> None:
         if self._socket is None:
@@ -414,20 +490,24 @@ class SyslogSink(Sink):
         if not findings:
             return ExportResult.SUCCESS
         messages = [self.message(f) for f in findings]
+        with self._lock:
+            return self._export(findings, messages)
+
+    def _export(self, findings: Sequence[Finding], messages: list[bytes]) -> ExportResult:
         try:
             if self.options.protocol == "udp":
                 self._send_datagrams(messages)
-            else:
-                self._send_stream(b"".join(self.frame(m) for m in messages))
+            elif not self._send_stream(b"".join(self.frame(m) for m in messages), findings):
+                return ExportResult.FAILURE
         except ssl.SSLCertVerificationError as error:
-            self._close()
+            self._close(rejected=True)
             raise SinkConfigurationError(
                 f"syslog sink {self.name}: the TLS certificate of {self.options.address} was not accepted "
                 f"({error.verify_message}); set ca_file to the CA that signed it, server_name to a name in it, "
                 "or (for testing only) verify: false"
             ) from error
         except ssl.SSLError as error:
-            self._close()
+            self._close(rejected=True)
             if error.reason not in _CLIENT_CERT_REJECTED:
                 log.warning("syslog sink %s: TLS to %s failed: %s", self.name, self.options.address, error)
                 return ExportResult.FAILURE
@@ -447,5 +527,34 @@ class SyslogSink(Sink):
             return ExportResult.FAILURE
         return ExportResult.SUCCESS
 
+    def reclaim(self) -> list[Finding]:
+        """Findings this sink said were delivered, written on a session the receiver then rejected."""
+        with self._lock:
+            rejected, self._rejected = self._rejected, []
+        return rejected
+
+    def force_flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait (at most ``timeout_s``) until the last write is ``resend_window_s`` old, then check the
+        session once more: a receiver that rejects it right after the last write is noticed too. True
+        when everything written was taken; False when some of it is for :meth:`reclaim`."""
+        with self._lock:
+            if self._socket is not None and self._unconfirmed:
+                wait = self._unconfirmed[-1].at + self.options.resend_window_s - time.monotonic()
+                if wait > 0:
+                    select.select([self._socket], [], [], min(wait, max(0.0, timeout_s)))  # wakes on data or FIN
+                state = self._session_state(self._socket)
+                if state == "open":
+                    self._confirm(time.monotonic())
+                else:
+                    self._close(rejected=state == "rejected")
+            return not self._unconfirmed and not self._rejected
+
     def shutdown(self) -> None:
-        self._close(graceful=True)
+        """Close the session after a last check (what it finds rejected stays for :meth:`reclaim`)."""
+        self.force_flush(self.options.resend_window_s)
+        with self._lock:
+            if self._unconfirmed:
+                log.warning("syslog sink %s: shut down with %d finding(s) written to %s less than %.1f s ago",
+                            self.name, sum(len(w.findings) for w in self._unconfirmed), self.options.address,
+                            self.options.resend_window_s)
+            self._close(graceful=True)

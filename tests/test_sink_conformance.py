@@ -15,7 +15,8 @@ What the delivery layer (``agent/delivery.py``) relies on, checked per sink:
 * ``export([])`` is SUCCESS and sends nothing;
 * ``export(findings)`` is SUCCESS only once the target has exactly those
   findings, by uid, in order;
-* ``force_flush()`` is True; ``shutdown()`` is idempotent and nothing is
+* ``force_flush()`` is True and ``reclaim()`` hands nothing back (a healthy
+  target took everything); ``shutdown()`` is idempotent and nothing is
   delivered after it (OpenTelemetry's exporter rule: export after shutdown
   returns FAILURE);
 * an unreachable target gives FAILURE or ``SinkConfigurationError`` within
@@ -344,6 +345,7 @@ def test_export_delivers_exactly_those_findings_in_order(case: tuple[type[Sink],
         assert sink.export(batch[2:]) is ExportResult.SUCCESS
         assert target.received(len(batch)) == [f.uid for f in batch]
         assert sink.force_flush() is True
+        assert sink.reclaim() == [], "a healthy target took everything: nothing to hand back"
     finally:
         sink.shutdown()
 
