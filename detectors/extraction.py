@@ -190,9 +190,9 @@ class ExtractionDetector(Detector):
         min_share: float = Field(0.1, gt=0, le=1,
                                  description="a share test needs at least this share of the client's window "
                                              "and twice its baseline, besides significance")
-        near_dup_min_share: float = Field(0.3, gt=0, le=1,
-                                          description="the same for near-duplicates, which benign retries "
-                                                      "with noise also produce")
+        near_dup_min_share: float = Field(0.5, gt=0, le=1,
+                                          description="the same for near-duplicates, which benign clients "
+                                                      "resending records with small changes also produce")
         min_dup_rate: float = Field(0.02, gt=0, lt=1, description="floor of the benign near-duplicate rate")
         centroids: int = Field(128, ge=2, le=4096, description="k-means centroids summarising the reference data")
         cover_rank: int = Field(128, ge=1, le=4096,

@@ -299,8 +299,13 @@ def sybil_campaigns(ids: int) -> Callable[[Dataset, Oracle, int, int], list[Atta
 
 
 def run_dataset(name: str, device: torch.device, quick: bool, seed: int = 0,
-                make_attacks: Callable[[Dataset, Oracle, int, int], list[Attack]] | None = None) -> dict:
-    """Benign traffic + every attack variant on one data set, through the detector in time order."""
+                make_attacks: Callable[[Dataset, Oracle, int, int], list[Attack]] | None = None,
+                benign_noise: float = 0.0) -> dict:
+    """Benign traffic + every attack variant on one data set, through the detector in time order.
+
+    ``benign_noise``: Gaussian jitter on every benign query (in the data's units: pixels in [0, 1], tabular
+    features in standard deviations), so that a client drawing a test row again sends it with small changes.
+    """
     t0 = time.perf_counter()
     ds = load(name)
     target = train_classifier(ds.X_train, ds.y_train, ds.input_shape, device, epochs=20 if quick else 40, seed=seed)
@@ -314,7 +319,7 @@ def run_dataset(name: str, device: torch.device, quick: bool, seed: int = 0,
 
     n_benign, n_clients = (12000, 200) if quick else (40000, 400)
     budget = 400 if quick else 600
-    Xb, cb, tb = benign_traffic(ds, n_benign, n_clients, seed=seed + 1)
+    Xb, cb, tb = benign_traffic(ds, n_benign, n_clients, seed=seed + 1, noise=benign_noise)
     rng = np.random.default_rng(seed + 2)
     attacks = (make_attacks or build_attacks)(ds, oracle, budget, seed + 3)
     parts_X, parts_t, parts_c = [Xb], [tb], [f"tenant-{c}" for c in cb]
@@ -406,7 +411,17 @@ if __name__ == "__main__":
 
     # python -m agent.scenarios.extraction 0,1 personas: benign client types (benign_personas), which are flagged
     # python -m agent.scenarios.extraction 0,1 sybils: campaigns spread over 4 to 120 client ids (sybil_campaigns)
+    # python -m agent.scenarios.extraction 0,1 jittered: every benign query with small Gaussian jitter (0.05)
     mode = sys.argv[2] if len(sys.argv) > 2 else ""
+    if mode == "jittered":
+        for name in ("digits", "tabular"):
+            for seed in [int(x) for x in sys.argv[1].split(",")]:
+                r = run_dataset(name, torch.device("cpu"), False, seed=seed, benign_noise=0.05)
+                late = [v["variant"] for v in r["variants"]
+                        if v["queries_to_detect"] is None or v["queries_to_detect"] > GOAL_QUERIES]
+                print(f"{name} seed {seed}, benign jitter 0.05: tenants flagged {len(r['flagged_benign'])} of "
+                      f"{r['benign_clients']}; attackers missed or past {GOAL_QUERIES}: {late or 'none'}", flush=True)
+        sys.exit(0)
     if mode == "sybils":
         for name in ("digits", "tabular"):
             for seed in [int(x) for x in sys.argv[1].split(",")]:
