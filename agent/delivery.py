@@ -16,7 +16,9 @@ broken SIEM never delays another::
                                                          \\-> spool -> drain thread -> export
 
 Ordering: once anything is spooled for a sink, later findings queue behind it
-in the spool, so a sink sees its findings in the order they were raised. A
+in the spool, so a sink sees its findings in the order they were raised, but
+for those a sink hands back after taking them (``Sink.reclaim``: a syslog
+receiver that rejected the session), which queue behind the rest again. A
 drained batch is removed from the spool only after the sink said SUCCESS; a
 crash between the two replays that batch (at-least-once; findings carry a
 stable ``finding_info.uid`` so SIEMs can tell). Options: :class:`DeliveryOptions`,
