@@ -417,6 +417,21 @@ class SyslogSink(Sink):
         finally:
             sock.close()
 
+    def _settle(self) -> Literal["open", "closed", "rejected"]:
+        """Check the kept session: while open, confirm what the resend window has aged past; else close it,
+        handing the window's findings to :meth:`reclaim` when the receiver rejected it."""
+        assert self._socket is not None
+        state = self._session_state(self._socket)
+        if state == "open":
+            self._confirm(time.monotonic())
+            return state
+        if state == "rejected":
+            log.warning("syslog sink %s: %s rejected the session (answered with data or reset it); %d finding(s) "
+                        "written on it in the last %.1f s will be sent again", self.name, self.options.address,
+                        sum(len(w.findings) for w in self._unconfirmed), self.options.resend_window_s)
+        self._close(rejected=state == "rejected")
+        return state
+
     def _confirm(self, now: float) -> None:
         """The connection is open now: findings written more than the resend window ago were taken."""
         window = self.options.resend_window_s
@@ -432,20 +447,12 @@ class SyslogSink(Sink):
     def _send_stream(self, data: bytes, findings: Sequence[Finding]) -> bool:
         """Write ``data`` on the kept connection, reconnecting once if the old one broke. False, with
         nothing written, when the old session turns out rejected (its findings are then for reclaim())."""
-        reused = self._socket is not None
+        reused = False
         if self._socket is not None:
-            state = self._session_state(self._socket)
-            if state == "open":
-                self._confirm(time.monotonic())
-            else:
-                pending = sum(len(w.findings) for w in self._unconfirmed)
-                self._close(rejected=state == "rejected")
-                reused = False
-                if state == "rejected":
-                    log.warning("syslog sink %s: %s rejected the session (answered with data or reset it); "
-                                "%d finding(s) written on it in the last %.1f s will be sent again", self.name,
-                                self.options.address, pending, self.options.resend_window_s)
-                    return False
+            state = self._settle()
+            if state == "rejected":
+                return False
+            reused = state == "open"
         if self._socket is None:
             self._socket = self._connect()
         try:
@@ -542,11 +549,7 @@ class SyslogSink(Sink):
                 wait = self._unconfirmed[-1].at + self.options.resend_window_s - time.monotonic()
                 if wait > 0:
                     select.select([self._socket], [], [], min(wait, max(0.0, timeout_s)))  # wakes on data or FIN
-                state = self._session_state(self._socket)
-                if state == "open":
-                    self._confirm(time.monotonic())
-                else:
-                    self._close(rejected=state == "rejected")
+                self._settle()
             return not self._unconfirmed and not self._rejected
 
     def shutdown(self) -> None:

@@ -253,7 +253,7 @@ def stack() -> Iterator[contextlib.ExitStack]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("kind", "fault"), [pytest.param(k, f, id=f"{k}-{f}") for k, f in CASES])
+@pytest.mark.parametrize(("kind", "fault"), CASES, ids=[f"{k}-{f}" for k, f in CASES])
 def test_sink_fault_spools_up_to_bound_then_delivers_everything(kind: str, fault: str, tmp_path: Path,
                                                                 stack: contextlib.ExitStack,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
