@@ -150,6 +150,10 @@ class AdversarialDetector(Detector):
             True, description="features from the model's penultimate layer (Mahalanobis distance to the predicted "
                               "class, Lee et al. 2018; features 13-14 of _adv_features), read by rewriting the "
                               "exported graph; 0 when the model has no final linear layer")
+        class_subspace: float = Field(
+            0.9, ge=0, lt=1, description="features from the input's distance to the principal subspace of the "
+                                         "reference rows answered as its predicted class, holding this share of "
+                                         "their variance (features 17-18 of _adv_features); 0 = off")
         second_squeezer: bool = Field(False, description="also squeeze with 2x2 median smoothing (images) or a "
                                                         "coarse grid (tabular): one more model pass per record")
         noise_scale: float = Field(0.1, gt=0, description="noise std as a fraction of each feature's std")
@@ -328,7 +332,8 @@ class AdversarialDetector(Detector):
     def _fit_spec(self, X: np.ndarray, input_shape: tuple[int, ...], forward: Forward) -> FeatureSpec:
         o = self.opts
         return fit_spec(X, input_shape, forward, self.context.device, o.noise_copies, o.noise_scale,
-                        o.squeeze_bits, o.pca_variance, self.context.seed, o.second_squeezer, o.squeeze, o.reformer)
+                        o.squeeze_bits, o.pca_variance, self.context.seed, o.second_squeezer, o.squeeze, o.reformer,
+                        o.class_subspace)
 
     def _training_features(self, stats_part: ReferenceData, train_part: ReferenceData, cal_part: ReferenceData,
                            reference: ReferenceData, made: dict[str, int], lo: float, hi: float

@@ -390,7 +390,7 @@ def test_log_margin_feature_lets_one_weight_flag_the_boundary(digits, model, art
 
     det = fitted(digits, model, artifacts)
     j = FEATURE_NAMES.index("log_logit_margin")
-    assert det.spec.n_features == len(FEATURE_NAMES) == 17
+    assert det.spec.n_features == len(FEATURE_NAMES) == 19
     assert det.scorer[0].weight[0, j] < 0, "a smaller margin must push the score towards 'adversarial'"
     p = det.pvalues(deepfool_adv, model.predict_proba(deepfool_adv))
     print(f"digits DeepFool: TPR {(p <= 0.01).mean():.3f} over {len(p)}")
@@ -433,25 +433,69 @@ def test_detectors_saved_with_the_joint_rank_calibration_load_with_a_refitted_th
     assert again.calibrator.parts[1].tail_shape <= -1.0  # the margin test keeps its bounded tail
 
 
-@pytest.mark.parametrize("n_old", [13, 15])
-def test_detectors_saved_before_the_hidden_layer_and_reformer_features_still_load(digits, model, artifacts,
-                                                                                   n_old: int) -> None:
-    """Artifacts from a 13-feature detector (before the penultimate-layer statistics) or a 15-feature one (before
-    the reformer) score with their own features, which are what they always were."""
+@pytest.mark.parametrize("n_old", [13, 15, 17])
+def test_detectors_saved_before_the_hidden_layer_reformer_and_class_subspace_features_still_load(
+        digits, model, artifacts, n_old: int) -> None:
+    """Artifacts from a 13-feature detector (before the penultimate-layer statistics), a 15-feature one (before
+    the reformer) or a 17-feature one (before the class subspaces) score with their own features, which are what
+    they always were."""
     old = dict(artifacts)
-    gone = ("hidden_whitening", "hidden_means", "reformer") if n_old == 13 else ("reformer",)
+    gone = ("class_means", "class_basis", "class_of_direction")
+    gone += {13: ("hidden_whitening", "hidden_means", "reformer"), 15: ("reformer",), 17: ()}[n_old]
     old["spec"] = {k: v for k, v in artifacts["spec"].items() if k not in gone}
     old["spec"]["n_features"] = n_old
     old["scorer"] = {"0.weight": artifacts["scorer"]["0.weight"][:, :n_old], "0.bias": artifacts["scorer"]["0.bias"]}
     old["feat_mean"], old["feat_std"] = artifacts["feat_mean"][:n_old], artifacts["feat_std"][:n_old]
     det = fitted(digits, model, old)
-    assert det.spec.n_features == n_old and not det.spec.reformer
+    assert det.spec.n_features == n_old and det.spec.reformer == (n_old == 17)
+    assert det.spec.class_means.size == 0
     assert (det.spec.hidden_whitening.size == 0) == (n_old == 13)
     X = torch.as_tensor(digits.X_test[:64])
     feats = det.extractor()(X)
     assert feats.shape == (64, n_old)
     new = fitted(digits, model, artifacts).extractor()(X)
     torch.testing.assert_close(feats, new[:, :n_old])
+
+
+def test_class_subspace_features_are_each_class_s_projection_residual(digits, model, artifacts) -> None:
+    """Features 17-18 computed for all classes at once equal, row by row, the residual of the input off its
+    predicted class's own subspace (and the gap to the nearest class's), projected one class at a time."""
+    from detectors._adv_features import FEATURE_NAMES
+
+    det = fitted(digits, model, artifacts)
+    spec = det.spec
+    owner = spec.class_of_direction.astype(int)
+    assert spec.class_means.shape == (10, 64) and set(owner) == set(range(10))
+    X = digits.X_test[:200]
+    xs = (X - spec.mean) / spec.std
+    resid = np.stack([np.log1p((((xs - m) - ((xs - m) @ spec.class_basis[:, owner == c])
+                                 @ spec.class_basis[:, owner == c].T) ** 2).sum(1))
+                      for c, m in enumerate(spec.class_means)], axis=1)
+    pred = model.predict_proba(X).argmax(1)
+    feats = det.extractor()(torch.as_tensor(X)).numpy()
+    j = FEATURE_NAMES.index("class_subspace_residual")
+    np.testing.assert_allclose(feats[:, j], resid[np.arange(len(X)), pred], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(feats[:, j + 1], resid[np.arange(len(X)), pred] - resid.min(1), rtol=1e-4,
+                               atol=1e-4)
+
+
+def test_class_subspace_residual_rises_under_a_small_l2_attack(digits, model, split, artifacts) -> None:
+    """PGD-L2 at half the eval's budget moves few directions and stays near the whole data's subspace, but its
+    rows leave the subspace of the class they are now answered as; off (``class_subspace: 0``), 17-18 are 0."""
+    from detectors._adv_features import FEATURE_NAMES
+
+    x, y = torch.as_tensor(digits.X_test), torch.as_tensor(digits.y_test)
+    adv = attacks.pgd_l2(model.logits, x, y, 0.75, 0.0, 1.0, steps=40)
+    ok = (model.logits(adv).argmax(1) != y) & (model.logits(x).argmax(1) == y)
+    j = FEATURE_NAMES.index("class_subspace_residual")
+    det = fitted(digits, model, artifacts)
+    clean = det.extractor()(x)[:, j].numpy()
+    moved = det.extractor()(adv[ok])[:, j].numpy()
+    print(f"class-subspace residual (log1p), median: clean {np.median(clean):.2f}, PGD-L2 0.75 {np.median(moved):.2f}")
+    assert np.median(moved) > np.quantile(clean, 0.9)
+    off = make(digits, model, class_subspace=0)
+    off.fit(ReferenceData(split[2], split[3], digits.input_shape))
+    assert (off.extractor()(adv[ok])[:, j : j + 2] == 0).all()
 
 
 def test_reformer_sees_what_the_projection_takes_back(digits, model, artifacts, pgd, deepfool_adv) -> None:

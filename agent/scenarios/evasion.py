@@ -366,6 +366,38 @@ def seed_spread(name: str, seeds: list[int], options: dict[str, Any] | None = No
     return rows
 
 
+L2_BUDGETS = (0.5, 0.75, 1.0, 1.5, 2.0)  # PGD-L2 radii, in the scale of _scale: the eval's is 1.5
+
+
+def budget_sweep(name: str, budgets: tuple[float, ...] = L2_BUDGETS, options: dict[str, Any] | None = None
+                 ) -> list[dict[str, Any]]:
+    """PGD-L2, and PGD-L∞ of the same radius over 8, at several budgets on the eval's deployment (detector seed 0):
+    how the eval's single budget compares with smaller ones, which keep more rows in their class (the judge's
+    share) and sit nearer the boundary. Per budget and norm: success rate, calibrated TPR, class-kept share and
+    TPR, AUROC against the unique test rows."""
+    ds, model, X_ref, y_ref, Xs, ys = spread_deployment(name, torch.device("cpu"))
+    det = fitted_detector(ds, model, X_ref, y_ref, 0, options)
+    judge = class_judge(ds)
+    u, x, t = _scale(ds), torch.as_tensor(Xs), torch.as_tensor(ys)
+    benign = det.anomaly_score(ds.X_test)
+    rows = [{"attack": "benign (unique test rows)", "tpr": float((det.pvalues(ds.X_test) <= det.opts.fpr).mean())}]
+    for eps in budgets:
+        for norm, adv in (("pgd_l2", attacks.pgd_l2(model.logits, x, t, eps * u, ds.lo, ds.hi, steps=40)),
+                          ("pgd_linf", attacks.pgd_linf(model.logits, x, t, eps / 8 * u, ds.lo, ds.hi, steps=40))):
+            adv = adv.detach().cpu().numpy()
+            ok = model.predict_proba(adv).argmax(1) != ys
+            row: dict[str, Any] = {"attack": f"{norm} {eps if norm == 'pgd_l2' else eps / 8:g}",
+                                   "success_rate": float(ok.mean())}
+            if ok.any():
+                flagged = det.pvalues(adv[ok]) <= det.opts.fpr
+                score = np.r_[benign, det.anomaly_score(adv[ok])]
+                row["tpr"] = float(flagged.mean())
+                row["auroc"] = float(roc_auc_score(np.r_[np.zeros(len(benign)), np.ones(int(ok.sum()))], score))
+                _class_kept_view(row, flagged, _kept_in_class(judge, adv[ok], ys[ok]))
+            rows.append(row)
+    return rows
+
+
 def odd_clients(name: str, seed: int, per_client: int = 200) -> dict[str, dict[str, Any]]:
     """The known false alarm, measured: one benign client whose inputs all carry a natural shift (each of
     the drift scenario's shifts in turn, one client each) among the eval's benign traffic.
@@ -401,9 +433,15 @@ if __name__ == "__main__":
     # python -m agent.scenarios.evasion deploy 0,1,2,3 ['{...}']: the eval's deployment (model, reference split,
     #   attacks, traffic) redrawn per seed
     # python -m agent.scenarios.evasion odd 0,3: the known false alarm (one client with naturally shifted inputs)
+    # python -m agent.scenarios.evasion budgets digits ['{...}']: PGD-L2 and PGD-L∞ at several budgets
     import json
     import sys
 
+    if sys.argv[1] == "budgets":
+        for r in budget_sweep(sys.argv[2], options=json.loads(sys.argv[3]) if len(sys.argv) > 3 else None):
+            print(f"{sys.argv[2]} {r['attack']:26s} " + ", ".join(
+                f"{k} {v:.3f}" for k, v in r.items() if k != "attack" and isinstance(v, float)), flush=True)
+        sys.exit(0)
     seeds = [int(s) for s in sys.argv[2].split(",")]
     options = json.loads(sys.argv[3]) if len(sys.argv) > 3 else None
     if sys.argv[1] == "odd":  # python -m agent.scenarios.evasion odd 0,3: one client with naturally shifted inputs
