@@ -26,7 +26,9 @@ so that the detector is not tied to one attack's fingerprint:
    model's predicted class (cf. Deep k-NN, Papernot & McDaniel 2018, in input
    space): a small perturbation changes the model's label but not which
    training rows the input is close to.
-10. log distance to the nearest reference row.
+10. log distance to the nearest reference row, floored at the distance
+    within which 5 % of reference rows lie to their nearest other one (an
+    input that *is* a reference row is as ordinary as a close natural one).
 11. log Mahalanobis distance of the input to the reference rows (shrunk
     covariance, standardised space): perturbations break the correlations
     between features that natural rows keep (tabular rows above all).
@@ -133,6 +135,9 @@ class FeatureSpec:
     hidden_whitening: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
     hidden_means: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
     reformer: bool = False  # features 15-16: the model's answer on x projected onto the principal subspace
+    # feature 10's floor: the squared distance to the nearest reference row within which 5 % of reference rows lie
+    # to theirs (0 in detectors fitted before it: an input equal to a reference row then sat at log(0))
+    knn_floor: float = 0.0
     # features 17-18: per predicted class, its mean [k, d] and orthonormal principal directions stacked [d, R]
     # (standardised space), with the class of each direction [R]; all empty when off or fitted before they existed
     class_means: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
@@ -147,8 +152,8 @@ class FeatureSpec:
                 "image": self.image, "bits": self.bits, "second_squeezer": self.second_squeezer,
                 "first_squeezer": self.first_squeezer, "n_features": self.n_features,
                 "hidden_whitening": self.hidden_whitening, "hidden_means": self.hidden_means,
-                "reformer": self.reformer, "class_means": self.class_means, "class_basis": self.class_basis,
-                "class_of_direction": self.class_of_direction}
+                "reformer": self.reformer, "knn_floor": self.knn_floor, "class_means": self.class_means,
+                "class_basis": self.class_basis, "class_of_direction": self.class_of_direction}
 
     @classmethod
     def from_tree(cls, tree: dict[str, Any]) -> FeatureSpec:
@@ -158,7 +163,7 @@ class FeatureSpec:
             int(tree["bits"]), bool(tree.get("second_squeezer", True)),
             bool(tree.get("first_squeezer", True)), int(tree.get("n_features", 12)),
             *(np.asarray(tree.get(k, np.zeros((0, 0))), np.float32) for k in ("hidden_whitening", "hidden_means")),
-            bool(tree.get("reformer", False)),
+            bool(tree.get("reformer", False)), float(tree.get("knn_floor", 0.0)),
             *(np.asarray(tree.get(k, np.zeros((0, 0))), np.float32) for k in ("class_means", "class_basis")),
             np.asarray(tree.get("class_of_direction", np.zeros(0)), np.float32))
 
@@ -288,7 +293,7 @@ class FeatureExtractor:
             torch.log1p(resid.pow(2).sum(1)),
             -(answer * torch.log(answer + 1e-12)).sum(1),
             vote.gather(1, pred[:, None])[:, 0],
-            0.5 * torch.log(d2_min + 1e-6 * self.spec.knn_tau),
+            0.5 * torch.log(d2_min.clamp_min(self.spec.knn_floor) + 1e-6 * self.spec.knn_tau),
             torch.log1p((xs @ self.whitening).pow(2).sum(1)),
             torch.log(top2[:, 0] - top2[:, 1] + 1e-3),
             hidden_maha,
@@ -404,6 +409,11 @@ def fit_spec(X: np.ndarray, input_shape: tuple[int, ...], forward: Forward, devi
     d2 = np.maximum(sq[:, None] - 2 * points @ points.T + sq[None, :], 0)
     np.fill_diagonal(d2, np.inf)
     tau = float(max(np.median(d2.min(1)), 1e-6))
+    # nearer to a reference row than almost every reference row is to its nearest other one says nothing more:
+    # without a floor an input *equal* to a reference row (a record re-sent from the validation set) sat at
+    # log(0), far past anything the scorer trained on (cross-fitting measures no row against itself), and where
+    # the scorer's weight on this feature came out negative every such row was flagged
+    knn_floor = float(np.quantile(d2.min(1), 0.05)) if len(d2) > 1 else 0.0
     onehot = np.eye(k, dtype=np.float32)[pred[pick]]
     centred_x = xs - xs.mean(0)
     cov_x = centred_x.T @ centred_x / max(len(X) - 1, 1)
@@ -418,7 +428,8 @@ def fit_spec(X: np.ndarray, input_shape: tuple[int, ...], forward: Forward, devi
     return FeatureSpec(tuple(input_shape), X.min(0), X.max(0), mean, std, pca, noise,
                        means.astype(np.float32), np.linalg.inv(cov).astype(np.float32), points.astype(np.float32),
                        onehot, knn_scale, tau, whitening, is_image(input_shape), bits, second_squeezer,
-                       first_squeezer, N_FEATURES, hidden_whitening, hidden_means, reformer, *class_parts)
+                       first_squeezer, N_FEATURES, hidden_whitening, hidden_means, reformer, knn_floor,
+                       *class_parts)
 
 
 def _hidden_statistics(H: np.ndarray, pred: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -498,6 +498,27 @@ def test_class_subspace_residual_rises_under_a_small_l2_attack(digits, model, sp
     assert (off.extractor()(adv[ok])[:, j : j + 2] == 0).all()
 
 
+def test_an_input_equal_to_a_reference_row_is_not_flagged(digits, model, split, artifacts) -> None:
+    """A record re-sent from the validation set is its own nearest reference row. Without a floor on feature 10 it
+    sat at log(0), past anything the scorer trained on, and every reference row the statistics were fitted on was
+    flagged (1.0 here, with the scorer's weight on the feature negative); now they are flagged like new rows."""
+    from detectors._adv_features import FEATURE_NAMES
+
+    det = fitted(digits, model, artifacts)
+    j = FEATURE_NAMES.index("knn_distance")
+    assert det.spec.knn_floor > 0
+    reference = split[2]
+    own = det.extractor()(torch.as_tensor(reference))[:, j].numpy()
+    assert own.min() >= 0.5 * np.log(det.spec.knn_floor + 1e-6 * det.spec.knn_tau) - 1e-5
+    flagged = float((det.pvalues(reference) <= det.opts.fpr).mean())
+    new = float((det.pvalues(digits.X_test) <= det.opts.fpr).mean())
+    print(f"flagged: reference rows {flagged:.4f}, new rows {new:.4f}")
+    assert flagged <= 0.02
+    old = dict(artifacts)
+    old["spec"] = {k: v for k, v in artifacts["spec"].items() if k != "knn_floor"}
+    assert fitted(digits, model, old).spec.knn_floor == 0.0  # detectors fitted before the floor keep their feature
+
+
 def test_reformer_sees_what_the_projection_takes_back(digits, model, artifacts, pgd, deepfool_adv) -> None:
     """On by default: projecting onto the reference's principal subspace leaves clean answers alone and moves
     adversarial ones back (MagNet's reformer, linear); off, features 15-16 are the plain answer's."""
