@@ -102,7 +102,7 @@ MAX_NEIGHBOURS = 2000
 MAX_HIDDEN_DIRECTIONS = 256  # wider penultimate layers are measured in their top principal directions
 # features 17-18: directions per class's subspace, and of all classes together (each class then gets its share).
 # 16 per class: on digits with 629 reference rows (about 40 directions per class hold 0.9 of the variance), a
-# regression on these features caught PGD-L2 equally well with 16 (ad hoc), at 2.5 times less cost per record
+# regression on these features caught PGD-L2 equally well with 16 (ad hoc), with 2.5 times fewer directions
 MAX_DIRECTIONS_PER_CLASS = 16
 MAX_CLASS_DIRECTIONS = 4096
 
