@@ -355,8 +355,8 @@ class FeatureExtractor:
         return own, own - resid.amin(1)
 
 
-def _class_subspaces(xs: np.ndarray, pred: np.ndarray, k: int, variance: float
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _fit_class_subspaces(xs: np.ndarray, pred: np.ndarray, k: int, variance: float
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per class the model predicts: mean and the principal directions holding ``variance`` of its rows' spread
     (at most one fewer than its rows, MAX_DIRECTIONS_PER_CLASS, and its share of MAX_CLASS_DIRECTIONS). A class
     with no rows keeps the mean of all rows and no direction: whatever is answered as a class never seen is
@@ -408,12 +408,13 @@ def fit_spec(X: np.ndarray, input_shape: tuple[int, ...], forward: Forward, devi
     sq = (points**2).sum(1)
     d2 = np.maximum(sq[:, None] - 2 * points @ points.T + sq[None, :], 0)
     np.fill_diagonal(d2, np.inf)
-    tau = float(max(np.median(d2.min(1)), 1e-6))
+    nearest = d2.min(1)  # each reference row's squared distance to its nearest other one
+    tau = float(max(np.median(nearest), 1e-6))
     # nearer to a reference row than almost every reference row is to its nearest other one says nothing more:
     # without a floor an input *equal* to a reference row (a record re-sent from the validation set) sat at
     # log(0), far past anything the scorer trained on (cross-fitting measures no row against itself), and where
     # the scorer's weight on this feature came out negative every such row was flagged
-    knn_floor = float(np.quantile(d2.min(1), 0.05)) if len(d2) > 1 else 0.0
+    knn_floor = float(np.quantile(nearest, 0.05)) if len(d2) > 1 else 0.0
     onehot = np.eye(k, dtype=np.float32)[pred[pick]]
     centred_x = xs - xs.mean(0)
     cov_x = centred_x.T @ centred_x / max(len(X) - 1, 1)
@@ -423,8 +424,7 @@ def fit_spec(X: np.ndarray, input_shape: tuple[int, ...], forward: Forward, devi
     hidden_whitening, hidden_means = (np.zeros((0, 0), np.float32),) * 2
     if hidden_t is not None:
         hidden_whitening, hidden_means = _hidden_statistics(hidden_t.float().cpu().numpy(), pred, k)
-    class_parts = (_class_subspaces(xs, pred, k, class_variance) if class_variance > 0
-                   else (np.zeros((0, 0), np.float32),) * 2 + (np.zeros(0, np.float32),))
+    class_parts = _fit_class_subspaces(xs, pred, k, class_variance) if class_variance > 0 else ()  # off: defaults
     return FeatureSpec(tuple(input_shape), X.min(0), X.max(0), mean, std, pca, noise,
                        means.astype(np.float32), np.linalg.inv(cov).astype(np.float32), points.astype(np.float32),
                        onehot, knn_scale, tau, whitening, is_image(input_shape), bits, second_squeezer,

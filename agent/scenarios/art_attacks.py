@@ -28,11 +28,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
 from agent.model import WatchedModel
 from agent.scenarios import data
-from agent.scenarios.evasion import _scale, fitted_detector, spread_deployment
+from agent.scenarios.evasion import _scale, benign_vs_attack_auroc, fitted_detector, spread_deployment
 
 QUICK_ATTACKS = ("BIM Linf 0.15", "JSMA (L0)", "NewtonFool")
 
@@ -137,11 +136,10 @@ def evaluate(name: str, seeds: list[int], architecture: str = "mlp", rows: int =
                          mean_l0=float((np.abs(delta) > 1e-3 * (ds.hi - ds.lo)).sum(1).mean()))
             for s, det in detectors.items():
                 score = det.anomaly_score(adv[ok])
-                truth = np.r_[np.zeros(len(benign[s])), np.ones(len(score))]
                 entry[f"seed_{s}"] = {
                     "tpr": float((det.pvalues(adv[ok]) <= det.opts.fpr).mean()),
                     "tpr_at_benign_p99": float((score > np.quantile(benign[s], 0.99)).mean()),
-                    "auroc": float(roc_auc_score(truth, np.r_[benign[s], score])),
+                    "auroc": benign_vs_attack_auroc(benign[s], score),
                 }
         report["attacks"].append(entry)
     return report

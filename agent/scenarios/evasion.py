@@ -53,6 +53,11 @@ def _scale(ds: data.Dataset) -> float:
     return 1.0 if ds.name == "digits" else 4.0
 
 
+def benign_vs_attack_auroc(benign: np.ndarray, attack: np.ndarray) -> float:
+    """AUROC of a detector's scores: benign rows the negatives, attack rows the positives."""
+    return float(roc_auc_score(np.r_[np.zeros(len(benign)), np.ones(len(attack))], np.r_[benign, attack]))
+
+
 def _craft(model: WatchedModel, ds: data.Dataset, X: np.ndarray, y: np.ndarray, seed: int
            ) -> dict[str, np.ndarray]:
     """White-box adversarials of every variant for seeds (X, y); only successful ones are kept later."""
@@ -219,8 +224,7 @@ def _evaluate_dataset(name: str, device: torch.device, quick: bool, seed: int = 
         row["tpr"] = float(flagged[mask].mean()) if mask.any() else None
         _class_kept_view(row, flagged[mask], kept[variant])
         if mask.any():
-            y_true = np.r_[np.zeros(len(benign_raw)), np.ones(int(mask.sum()))]
-            row["auroc"] = float(roc_auc_score(y_true, np.r_[benign_raw, raw[mask]]))
+            row["auroc"] = benign_vs_attack_auroc(benign_raw, raw[mask])
             row["tpr_at_benign_fpr_0.01"] = float((raw[mask] > at_1pct).mean())
         f = campaigns.get(row["client"])
         row["detected"] = f is not None
@@ -360,8 +364,7 @@ def seed_spread(name: str, seeds: list[int], options: dict[str, Any] | None = No
             flagged = det.pvalues(adv) <= det.opts.fpr
             row[variant] = float(flagged.mean())
             row[f"{variant} class kept"] = float(flagged[kept[variant]].mean()) if kept[variant].any() else np.nan
-            score = np.r_[benign, det.anomaly_score(adv)]
-            row[f"{variant} AUROC"] = float(roc_auc_score(np.r_[np.zeros(len(benign)), np.ones(len(adv))], score))
+            row[f"{variant} AUROC"] = benign_vs_attack_auroc(benign, det.anomaly_score(adv))
         rows.append(row)
     return rows
 
@@ -390,9 +393,8 @@ def budget_sweep(name: str, budgets: tuple[float, ...] = L2_BUDGETS, options: di
                                    "success_rate": float(ok.mean())}
             if ok.any():
                 flagged = det.pvalues(adv[ok]) <= det.opts.fpr
-                score = np.r_[benign, det.anomaly_score(adv[ok])]
                 row["tpr"] = float(flagged.mean())
-                row["auroc"] = float(roc_auc_score(np.r_[np.zeros(len(benign)), np.ones(int(ok.sum()))], score))
+                row["auroc"] = benign_vs_attack_auroc(benign, det.anomaly_score(adv[ok]))
                 _class_kept_view(row, flagged, _kept_in_class(judge, adv[ok], ys[ok]))
             rows.append(row)
     return rows
