@@ -32,15 +32,31 @@ class ReferenceData:
     def n_classes(self) -> int | None:
         return None if self.y is None else int(self.y.max()) + 1
 
+    def take(self, rows: np.ndarray) -> ReferenceData:
+        """The reference restricted to ``rows`` (indices), labels with them."""
+        return ReferenceData(self.X[rows], None if self.y is None else self.y[rows], self.input_shape)
+
+    @staticmethod
+    def concat(parts: list[ReferenceData]) -> ReferenceData:
+        """The rows of ``parts`` (of one input shape) in one reference; labels only when every part has them."""
+        ys = [p.y for p in parts]
+        return ReferenceData(np.concatenate([p.X for p in parts]),
+                             None if any(y is None for y in ys) else np.concatenate(ys), parts[0].input_shape)
+
     def split(self, holdout: float, seed: int = 0) -> tuple[ReferenceData, ReferenceData]:
         """A (fit, calibration) split; detectors calibrate p-values on data they did not fit."""
-        rng = np.random.default_rng(seed)
-        idx = rng.permutation(len(self.X))
+        idx = np.random.default_rng(seed).permutation(len(self.X))
         cut = round(len(idx) * (1 - holdout))
-        a, b = idx[:cut], idx[cut:]
-        pick = lambda i: ReferenceData(self.X[i], None if self.y is None else self.y[i], self.input_shape)  # noqa: E731
-        return pick(a), pick(b)
+        return self.take(idx[:cut]), self.take(idx[cut:])
 
+    def folds(self, k: int, seed: int = 0) -> list[tuple[ReferenceData, ReferenceData]]:
+        """``k`` (rest, held) pairs whose held parts cut the rows in ``k`` near-equal random folds: cross-fitting,
+        where every row is held out once and so can be scored by a detector that was fitted without it."""
+        if not 2 <= k <= len(self.X):
+            raise ValueError(f"cannot cut {len(self.X)} reference rows in {k} folds: expected 2 to {len(self.X)}")
+        held = np.array_split(np.random.default_rng(seed).permutation(len(self.X)), k)
+        return [(self.take(np.sort(np.concatenate(held[:i] + held[i + 1:]))), self.take(np.sort(h)))
+                for i, h in enumerate(held)]
 
 def load_reference(path: str | Path) -> ReferenceData:
     path = Path(path)

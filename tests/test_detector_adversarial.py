@@ -118,7 +118,7 @@ def test_calibrated_pvalues_separate_clean_from_pgd(digits, model, artifacts, pg
     fpr, tpr = float((clean_p <= 0.01).mean()), float((adv_p <= 0.01).mean())
     print(f"digits PGD-L∞ 0.2: TPR {tpr:.3f}, clean FPR {fpr:.3f}")
     assert tpr >= 0.95
-    assert fpr <= 0.025  # 540 test rows, 315 calibration rows: the 1% threshold itself varies by about ±0.6%
+    assert fpr <= 0.025  # 540 test rows, 629 calibration rows: the 1% threshold itself varies by about ±0.4%
     assert det.fit_report["adversarials"]["deepfool"] > 100
     assert det.fit_report["calibrated_with_twin_surrogate"] is False
 
@@ -615,8 +615,10 @@ def test_hidden_layer_option_reads_the_model_s_representation(digits, model, spl
     assert det.spec.hidden_whitening.shape == (128, 128)
     clean = det.extractor()(torch.as_tensor(digits.X_test))[:, j]
     adv = det.extractor()(torch.as_tensor(pgd))[:, j]
-    print(f"hidden Mahalanobis (log1p), median: clean {float(clean.median()):.2f}, PGD {float(adv.median()):.2f}")
-    assert float(adv.median()) > float(clean.median()) + 0.3
+    auroc = float((adv[:, None] > clean[None, :]).double().mean())
+    print(f"hidden Mahalanobis (log1p), median: clean {float(clean.median()):.2f}, PGD {float(adv.median()):.2f}; "
+          f"AUROC {auroc:.3f}")
+    assert float(adv.median()) > float(clean.median()) and auroc >= 0.6  # 0.66 measured; a layer of noise: 0.5
     again = fitted(digits, model, det.artifacts())
     np.testing.assert_array_equal(again.pvalues(pgd), det.pvalues(pgd))
 
@@ -625,7 +627,7 @@ def test_boundary_test_flags_minimal_perturbations_at_the_same_fpr(digits, model
     det = make(digits, model, boundary_test=True)
     det.fit(ReferenceData(split[2], split[3], digits.input_shape))
     assert det.fit_report["boundary_test"] == "on"
-    assert det.fit_report["threshold"] == "inside the calibration scores"  # 315 rows resolve half of 1 %
+    assert det.fit_report["threshold"] == "inside the calibration scores"  # 629 rows resolve half of 1 %
     stats = det.statistics(digits.X_test)
     assert stats.shape == (len(digits.X_test), 2)
     clean_p = det.pvalues(digits.X_test, model.predict_proba(digits.X_test))
@@ -644,14 +646,14 @@ def test_boundary_test_stays_on_and_sharp_with_few_calibration_rows(digits, mode
                                                                    caplog) -> None:
     """A joint rank of two tests at fpr 0.01 needed 199 calibration rows and switched the boundary test off below;
     the tail-modelled halves resolve it on 100 rows, and DeepFool, which stops on the boundary, is caught."""
-    few = ReferenceData(split[2][:200], split[3][:200], digits.input_shape)  # holdout 0.5: 100 calibration rows
+    few = ReferenceData(split[2][:100], split[3][:100], digits.input_shape)  # every row calibrates: 100 of them
     det = make(digits, model, boundary_test=True)
     with caplog.at_level(logging.WARNING, logger="detectors.adversarial"):
         det.fit(few)
     assert det.opts.boundary_test is True and det.fit_report["boundary_test"] == "on"
     # half of 1 % on 100 rows is past the largest calibration score: the user is told, with what would fix it
     assert det.fit_report["threshold"].startswith("extrapolated: 100 calibration rows put the 0.50% threshold")
-    assert "199 calibration rows" in caplog.text
+    assert "199 reference rows would hold it inside" in caplog.text
     assert det.statistics(digits.X_test[:8]).shape == (8, 2)
     fpr = float((det.pvalues(digits.X_test) <= 0.01).mean())
     tpr = float((det.pvalues(deepfool_adv) <= 0.01).mean())
@@ -685,3 +687,18 @@ def test_neighbour_features_do_not_depend_on_the_chunking(digits, model, artifac
     x = xk[:20].clone().requires_grad_(True)
     ext._neighbours(x, chunk_elements=3 * ext.knn_kernel.shape[1])[0][:, 0].sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_every_reference_row_calibrates_and_unseen_rows_are_flagged_at_about_the_asked_rate() -> None:
+    """Cross-conformal fit: on 30,000 rows of a reference draw's population that neither the model nor the
+    detector saw, the OR flags about `fpr` (0.0096 and 0.0076 on
+    these two draws; over ten draws 0.0042-0.0108, README "Every reference row calibrates")."""
+    from agent.scenarios.calibration import calibration_check
+
+    torch.set_num_threads(1)
+    rows = calibration_check("synthetic", 600, [0, 1])
+    for row in rows:
+        print(row)
+        assert 0.003 <= row["fpr"] <= 0.015, row
+        assert row["learned test at 0.005"] <= 0.01 and row["boundary test at 0.005"] <= 0.01, row
+    assert float(np.mean([r["fpr"] for r in rows])) <= 0.012

@@ -56,6 +56,26 @@ def _standardised(name: str, X: np.ndarray, y: np.ndarray, n_classes: int, seed:
                    float(z(Xtr).max()))
 
 
+GENERATED_ROWS = {"synthetic": 3000, "imbalanced": 6000}  # the generated tables' sizes in `load`
+
+
+def generated_table(name: str, n_samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows (raw, unstandardised) of a generated table, ``synthetic`` or ``imbalanced``, at any size: the
+    same recipe as ``load``'s, so a larger draw is more of the same population (``calibration`` uses that)."""
+    from sklearn import datasets
+
+    if name == "synthetic":
+        return datasets.make_classification(n_samples=n_samples, n_features=64, n_informative=24, n_redundant=16,
+                                            n_classes=5, n_clusters_per_class=2, class_sep=1.5, random_state=7)
+    if name == "imbalanced":
+        X, y = datasets.make_classification(n_samples=n_samples, n_features=20, n_informative=8, n_redundant=4,
+                                            n_classes=2, weights=[0.95, 0.05], flip_y=0.01, class_sep=1.0,
+                                            random_state=11)
+        X[:, :4] = np.floor(np.abs(X[:, :4]) * 2)  # four count-like columns (0, 1, 2, ...), as tables have
+        return X, y
+    raise ValueError(f"unknown generated table {name!r}; expected 'synthetic' or 'imbalanced'")
+
+
 def load(name: str, seed: int = 0) -> Dataset:
     from sklearn import datasets
 
@@ -67,16 +87,9 @@ def load(name: str, seed: int = 0) -> Dataset:
     if name == "tabular":
         b = datasets.load_breast_cancer()
         return _standardised("tabular", b.data, b.target, 2, seed, sd_floor=1e-9)
-    if name == "synthetic":
-        X, y = datasets.make_classification(n_samples=3000, n_features=64, n_informative=24, n_redundant=16,
-                                            n_classes=5, n_clusters_per_class=2, class_sep=1.5, random_state=7)
-        return _standardised("synthetic", X, y, 5, seed)
-    if name == "imbalanced":
-        X, y = datasets.make_classification(n_samples=6000, n_features=20, n_informative=8, n_redundant=4,
-                                            n_classes=2, weights=[0.95, 0.05], flip_y=0.01, class_sep=1.0,
-                                            random_state=11)
-        X[:, :4] = np.floor(np.abs(X[:, :4]) * 2)  # four count-like columns (0, 1, 2, ...), as tables have
-        return _standardised("imbalanced", X, y, 2, seed)
+    if name in GENERATED_ROWS:
+        X, y = generated_table(name, GENERATED_ROWS[name])
+        return _standardised(name, X, y, int(y.max()) + 1, seed)
     raise ValueError(f"unknown data set {name!r}; expected 'digits', 'tabular', 'synthetic' or 'imbalanced'")
 
 
