@@ -98,7 +98,7 @@ FEATURE_NAMES = ("log_1m_maxprob", "logit_margin", "squeeze_a_l1", "squeeze_b_l1
                  "noise_pred_prob", "logit_mahalanobis", "pca_residual", "entropy", "knn_agreement",
                  "knn_distance", "input_mahalanobis", "log_logit_margin", "hidden_mahalanobis", "hidden_class_gap",
                  "reformer_l1", "reformer_pred_prob", "class_subspace_residual", "class_subspace_gap")
-MAX_NEIGHBOURS = 2000
+MAX_NEIGHBOURS = 2000  # the default of the adversarial detector's `neighbours` option
 MAX_HIDDEN_DIRECTIONS = 256  # wider penultimate layers are measured in their top principal directions
 # features 17-18: directions per class's subspace, and of all classes together (each class then gets its share).
 # 16 per class: on digits with 629 reference rows (about 40 directions per class hold 0.9 of the variance), a
@@ -380,7 +380,8 @@ def _fit_class_subspaces(xs: np.ndarray, pred: np.ndarray, k: int, variance: flo
 
 def fit_spec(X: np.ndarray, input_shape: tuple[int, ...], forward: Forward, device: torch.device, n_noise: int,
              noise_scale: float, bits: int, pca_variance: float, seed: int, second_squeezer: bool = True,
-             first_squeezer: bool = True, reformer: bool = False, class_variance: float = 0.0) -> FeatureSpec:
+             first_squeezer: bool = True, reformer: bool = False, class_variance: float = 0.0,
+             neighbours: int = MAX_NEIGHBOURS) -> FeatureSpec:
     """Fit the normal-data statistics the features are measured against (``class_variance`` 0: no class
     subspaces, features 17-18 are 0)."""
     X = np.asarray(X, np.float32)
@@ -403,7 +404,7 @@ def fit_spec(X: np.ndarray, input_shape: tuple[int, ...], forward: Forward, devi
     cov = centred.T @ centred / max(len(X) - 1, 1) + 1e-3 * np.eye(k)
     rms = float(np.sqrt((X.std(0) ** 2).mean()))
     knn_scale = np.maximum(X.std(0), 0.5 * rms + 1e-6).astype(np.float32)
-    pick = rng.permutation(len(X))[:MAX_NEIGHBOURS]
+    pick = rng.permutation(len(X))[:neighbours]  # the neighbour features' cost grows with their count
     points = X[pick] / knn_scale
     sq = (points**2).sum(1)
     d2 = np.maximum(sq[:, None] - 2 * points @ points.T + sq[None, :], 0)
