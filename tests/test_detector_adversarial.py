@@ -702,3 +702,15 @@ def test_every_reference_row_calibrates_and_unseen_rows_are_flagged_at_about_the
         assert 0.003 <= row["fpr"] <= 0.015, row
         assert row["learned test at 0.005"] <= 0.01 and row["boundary test at 0.005"] <= 0.01, row
     assert float(np.mean([r["fpr"] for r in rows])) <= 0.012
+
+
+def test_neighbours_option_caps_the_rows_the_neighbour_features_read(digits, model, split) -> None:
+    """The deployed statistics hold every reference row; `neighbours` caps how many the neighbour features (the
+    detector's costliest per-record step) measure against, for deployments that must trade catch for speed."""
+    ref = ReferenceData(split[2][:200], split[3][:200], digits.input_shape)
+    capped, whole = make(digits, model, neighbours=50), make(digits, model)
+    capped.fit(ref)
+    whole.fit(ref)
+    assert capped.spec.knn_points.shape[0] == 50
+    assert whole.spec.knn_points.shape[0] == 200  # below the default cap: all of them
+    assert capped.statistics(digits.X_test[:8]).shape == (8, 2)

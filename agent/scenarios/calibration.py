@@ -43,7 +43,8 @@ def calibration_check(name: str, n_reference: int, draws: list[int], options: di
     X = ((X - mu) / sd).astype(np.float32)
     lo, hi = float(X[:MODEL_ROWS].min()), float(X[:MODEL_ROWS].max())
     if MODEL_ROWS + (max(draws) + 1) * n_reference > ROWS - UNSEEN_ROWS:
-        raise ValueError(f"{len(draws)} draws of {n_reference} reference rows do not fit before the unseen rows")
+        raise ValueError(f"draws 0 to {max(draws)} of {n_reference} reference rows each do not fit between the "
+                         f"model's {MODEL_ROWS} rows and the {UNSEEN_ROWS} unseen ones: fewer draws or rows")
     shape, dev = (X.shape[1],), torch.device("cpu")
     model = train_classifier(X[:MODEL_ROWS], y[:MODEL_ROWS], shape, dev, epochs=60, seed=0)
     model.is_surrogate = False  # the team's own model: it never saw the reference or the unseen rows
