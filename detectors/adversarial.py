@@ -130,8 +130,13 @@ class _Fold:
 
     def statistics(self, scorer: tuple[nn.Module, np.ndarray, np.ndarray], boundary_test: bool) -> np.ndarray:
         """The calibration statistics of the held rows (as ``AdversarialDetector.statistics``), by ``scorer``."""
-        cols = [_logit(scorer, self.calibration_features)] + ([-self.calibration_margin] if boundary_test else [])
-        return torch.stack(cols, dim=1).double().cpu().numpy()
+        return _statistics(_logit(scorer, self.calibration_features), self.calibration_margin, boundary_test)
+
+
+def _statistics(logit: torch.Tensor, margin: torch.Tensor, boundary_test: bool) -> np.ndarray:
+    """The tests' statistics [n, 1 or 2], higher = more adversarial: the learned logit, and with the boundary
+    test the negated logit margin. One definition for calibration rows and live records alike."""
+    return torch.stack([logit] + ([-margin] if boundary_test else []), dim=1).double().cpu().numpy()
 
 
 def _logit(scorer: tuple[nn.Module, np.ndarray, np.ndarray], feats: torch.Tensor) -> torch.Tensor:
@@ -286,8 +291,8 @@ class AdversarialDetector(Detector):
 
         When the model is a surrogate trained by ``train`` on this very
         reference data, it has seen every row; each fold is then attacked and
-        scored through a *twin* surrogate (same recipe) trained on the other
-        folds, so the threshold reflects how a model behaves on inputs it
+        scored through a *twin* surrogate (same recipe) trained on the folds of
+        the other parity, so the threshold reflects how a model behaves on inputs it
         never saw. The deployed surrogate scores at run time.
         """
         if len(reference.X) < 2 * self.opts.folds:
@@ -302,8 +307,9 @@ class AdversarialDetector(Detector):
         # are trained once per half, on the folds of the other parity: two trainings, not one per fold.
         halves = [ReferenceData.concat([held for j, (_, held) in enumerate(cuts) if j % 2 != parity])
                   for parity in (0, 1)]
-        twins = [self._twin(half) for half in halves] if surrogate else [None, None]
-        shadows = [self._shadow(half) for half in halves] if self.opts.natural_negatives else [None, None]
+        twins = [self._trained_on(half, seed_offset=5) for half in halves] if surrogate else [None, None]
+        shadows = ([self._trained_on(half, seed_offset=2) for half in halves] if self.opts.natural_negatives
+                   else [None, None])
         folds = []
         for k, (rest, held) in enumerate(cuts):
             self._fit_model = twins[k % 2]
@@ -327,15 +333,18 @@ class AdversarialDetector(Detector):
                            "threshold": self._threshold_note(len(calibration)),
                            "calibrated_with_twin_surrogate": surrogate}
 
-    def _twin(self, rows: ReferenceData):
-        """A surrogate of the deployed one's recipe trained on ``rows`` only (see ``fit``)."""
+    def _trained_on(self, rows: ReferenceData, seed_offset: int):
+        """A model of the surrogate recipe trained on ``rows`` only (labels, else the watched model's answers), so
+        every other reference row is new to it: the twin surrogate and the shadow model of ``fit``."""
         from agent.model import train_classifier
 
+        y = rows.y if rows.y is not None else self._model().predict_proba(rows.X).argmax(1)
         with torch.enable_grad():
-            twin = train_classifier(rows.X, rows.y, rows.input_shape, self.context.device, seed=self.context.seed + 5)
-        for p in twin.module.parameters():
+            model = train_classifier(rows.X, y, rows.input_shape, self.context.device,
+                                     seed=self.context.seed + seed_offset)
+        for p in model.module.parameters():
             p.requires_grad_(False)
-        return twin
+        return model
 
     def _train_scorer(self, folds: list[_Fold], without: int | None = None
                       ) -> tuple[nn.Module, np.ndarray, np.ndarray]:
@@ -427,15 +436,6 @@ class AdversarialDetector(Detector):
         return _Fold(torch.cat(clean), adv, torch.cat([f for f, _ in calibration]),
                      torch.cat([m for _, m in calibration]))
 
-    def _shadow(self, rows: ReferenceData):
-        """A model of the surrogate recipe trained on ``rows`` only: it sees every other row as new traffic."""
-        from agent.model import train_classifier
-
-        y = rows.y if rows.y is not None else self._model().predict_proba(rows.X).argmax(1)
-        with torch.enable_grad():
-            return train_classifier(rows.X, y, rows.input_shape, self.context.device, epochs=60,
-                                    seed=self.context.seed + 2)
-
     def _natural_negatives(self, shadow, rest: ReferenceData, held: ReferenceData, input_shape: tuple[int, ...]
                            ) -> torch.Tensor:
         """Features of clean rows as a model sees inputs it never trained on, natural errors included.
@@ -503,8 +503,7 @@ class AdversarialDetector(Detector):
             x = torch.as_tensor(np.asarray(X, np.float32), device=dev)
             rp = None if probs is None else torch.as_tensor(np.asarray(probs, np.float32), device=dev)
             feats, margin = self.extractor().features_and_margin(x, rp)
-            cols = [self._logit(feats)] + ([-margin] if self.opts.boundary_test else [])
-            return torch.stack(cols, dim=1).double().cpu().numpy()
+            return _statistics(self._logit(feats), margin, self.opts.boundary_test)
 
     def pvalues(self, X: np.ndarray, probs: np.ndarray | None = None) -> np.ndarray:
         """Calibrated p-value per row: small = more adversarial-looking than held-out clean rows."""
