@@ -165,25 +165,50 @@ class TailCalibrator:
         use the default.
         """
         scores = np.asarray(scores, dtype=np.float64)
+        return self._with_tail(scores, self._smooth_rank(scores) if smooth else self._rank(scores), self._tail(scores))
+
+    def pvalues_both(self, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(pvalues(scores), pvalues(scores, smooth=True))`` at little more than the cost of one: a detector
+        thresholds on the first and ranks on the second, for every batch."""
+        scores = np.asarray(scores, dtype=np.float64)
+        tail = self._tail(scores)
+        return (self._with_tail(scores, self._rank(scores), tail),
+                self._with_tail(scores, self._smooth_rank(scores), tail))
+
+    def _rank(self, scores: np.ndarray) -> np.ndarray:
+        """The conformal rank p-value: (1 + calibration scores at or above) / (n + 1)."""
+        n = len(self.sorted_scores)
+        return (1.0 + n - np.searchsorted(self.sorted_scores, scores, side="left")) / (n + 1.0)
+
+    def _smooth_rank(self, scores: np.ndarray) -> np.ndarray:
+        """The rank, interpolated inside the gap between neighbouring calibration scores (np.interp overflows
+        on a gap below ~1e-308: it divides by the gap first)."""
         c = self.sorted_scores
         n = len(c)
-        if smooth:
-            # the rank, interpolated inside the gap between neighbouring calibration scores (np.interp
-            # overflows on a gap below ~1e-308: it divides by the gap first)
-            i = np.clip(np.searchsorted(c, scores, side="right") - 1, 0, n - 2)
-            gap = c[i + 1] - c[i]
-            with np.errstate(invalid="ignore", divide="ignore"):
-                frac = np.where(gap > 0, np.clip((scores - c[i]) / np.where(gap > 0, gap, 1.0), 0.0, 1.0), 0.0)
-            p = (1.0 + n - (i + frac)) / (n + 1.0)
-        else:
-            p = (1.0 + n - np.searchsorted(c, scores, side="left")) / (n + 1.0)
-        z = np.maximum(scores - self.tail_threshold, 0.0) / self.tail_scale
+        i = np.clip(np.searchsorted(c, scores, side="right") - 1, 0, n - 2)
+        gap = c[i + 1] - c[i]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            frac = np.where(gap > 0, np.clip((scores - c[i]) / np.where(gap > 0, gap, 1.0), 0.0, 1.0), 0.0)
+        return (1.0 + n - (i + frac)) / (n + 1.0)
+
+    def _tail(self, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The rows past the tail threshold and their p-values from the tail model (computed for those rows
+        only: a few per batch)."""
+        above = np.flatnonzero(scores > self.tail_threshold)
+        z = (scores[above] - self.tail_threshold) / self.tail_scale
         xi = self.tail_shape
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
             # past the end of a bounded tail (xi < 0) the base is <= 0: probability 0
             tail = np.exp(-z) if xi == 0.0 else np.maximum(1.0 + xi * z, 0.0) ** (-1.0 / xi)
-        p = np.where(scores > self.tail_threshold, self.tail_mass * tail, p)
-        return np.where(np.isnan(scores), 1.0, p)
+        return above, self.tail_mass * tail
+
+    @staticmethod
+    def _with_tail(scores: np.ndarray, p: np.ndarray, tail: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        """The rank p-values ``p`` (changed in place) with the tail's above its threshold, 1 for NaN scores."""
+        above, tail_p = tail
+        p[above] = tail_p
+        p[np.isnan(scores)] = 1.0
+        return p
 
     def to_tree(self) -> dict[str, Any]:
         return {"sorted_scores": self.sorted_scores, "tail_threshold": self.tail_threshold,
@@ -250,13 +275,27 @@ class OrCalibrator:
     def pvalues(self, stats: np.ndarray, smooth: bool = False) -> np.ndarray:
         """p-value per row of ``stats`` [rows, m]; ``smooth`` for ranking rows (see ``TailCalibrator``)."""
         stats = np.asarray(stats, dtype=np.float64)
-        p = np.min([c.pvalues(stats[:, j], smooth) / w for j, (c, w) in enumerate(zip(self.parts, self.shares))],
-                   axis=0)
-        return np.where(np.isnan(stats).any(1), 1.0, np.minimum(p, 1.0))
+        return self._combine(stats, [c.pvalues(stats[:, j], smooth) for j, c in enumerate(self.parts)])
 
     def tail_score(self, stats: np.ndarray) -> np.ndarray:
         """A continuous "how anomalous" per row, ``-log`` of the smoothed p-value: for ranking and ROC curves."""
-        return -np.log(np.maximum(self.pvalues(stats, smooth=True), 1e-300))
+        return _minus_log(self.pvalues(stats, smooth=True))
+
+    def pvalues_and_tail_score(self, stats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(pvalues(stats), tail_score(stats))``, sharing the work of the two (both are read every batch)."""
+        stats = np.asarray(stats, dtype=np.float64)
+        both = [c.pvalues_both(stats[:, j]) for j, c in enumerate(self.parts)]
+        return (self._combine(stats, [b[0] for b in both]),
+                _minus_log(self._combine(stats, [b[1] for b in both])))
+
+    def _combine(self, stats: np.ndarray, per_test: list[np.ndarray]) -> np.ndarray:
+        """The OR's p-value from each test's: the smallest ``p_j / share_j``, at most 1; 1 for rows with a NaN."""
+        p = per_test[0] / self.shares[0]
+        for pj, w in zip(per_test[1:], self.shares[1:]):
+            p = np.minimum(p, pj / w)
+        p = np.minimum(p, 1.0)
+        p[np.isnan(stats).any(1)] = 1.0
+        return p
 
     def to_tree(self) -> dict[str, Any]:
         return {"parts": [c.to_tree() for c in self.parts], "shares": np.asarray(self.shares)}
@@ -265,6 +304,11 @@ class OrCalibrator:
     def from_tree(cls, tree: dict[str, Any]) -> OrCalibrator:
         return cls(tuple(TailCalibrator.from_tree(t) for t in tree["parts"]),
                    tuple(float(s) for s in np.asarray(tree["shares"]).ravel()))
+
+
+def _minus_log(p: np.ndarray) -> np.ndarray:
+    """``-log p``, floored at p = 1e-300: a continuous "how anomalous" for ranking."""
+    return -np.log(np.maximum(p, 1e-300))
 
 
 def _sorted_calibration_scores(scores: np.ndarray) -> np.ndarray:

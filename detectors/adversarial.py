@@ -553,8 +553,8 @@ class AdversarialDetector(Detector):
             notes["adv_flagged"] = np.zeros(0, dtype=bool)
             return []
         stats = self.statistics(batch.X, batch.probs)
-        p = self.calibrator.pvalues(stats)
-        scores = self.calibrator.tail_score(stats)  # continuous, for ranking records within shifted traffic
+        # p thresholds; the continuous score ranks records within shifted traffic
+        p, scores = self.calibrator.pvalues_and_tail_score(stats)
         notes["adv_score"] = p
         raw_flagged = p <= self.opts.fpr
         self._counters["records"] += n
