@@ -314,16 +314,15 @@ class FeatureExtractor:
         ]
         return torch.stack(feats[: self.spec.n_features], dim=1), feats[1]
 
-    def _neighbours(self, xk: torch.Tensor, chunk_elements: int = 1 << 20) -> tuple[torch.Tensor, torch.Tensor]:
+    def _neighbours(self, xk: torch.Tensor, chunk_elements: int = 1 << 18) -> tuple[torch.Tensor, torch.Tensor]:
         """The kernel-weighted class vote of the reference neighbours [n, k] and the squared distance to the
         nearest one [n], for inputs already divided by ``knn_scale``.
 
-        In chunks of rows whose [rows x neighbours] kernel stays within ``chunk_elements`` floats (4 MB), so a
-        large poll does not build a matrix of hundreds of MB; a batch of 512 against up to 2,000 neighbours is
-        one chunk. Smaller chunks kept the matrix in the core's cache between the passes over it, but the
-        bfloat16 product runs faster the more rows it gets at once (medians on the bench's 1,257 neighbours,
-        per record: 4.1 µs in chunks of 52 rows, 2.8 in chunks of 208, 2.5 over the whole batch; the float32
-        product it replaced, 4.0 in chunks of 52).
+        In chunks of rows whose [rows x neighbours] kernel stays within ``chunk_elements`` floats (1 MB): the
+        product, softmax, vote and max each pass over that matrix, and a whole batch's (2.6 MB at 512 x 1,257)
+        goes out of the core's cache between passes, while the bfloat16 product runs faster the more rows it
+        gets at once. The whole detector per record on the bench's batches (medians of six passes): 10.7 µs in
+        chunks of 2^16 floats, 9.9 in chunks of 2^17 or 2^18, 10.0 over the whole batch.
         """
         step = max(1, chunk_elements // max(self.knn_kernel.shape[1], 1))
         votes, d2s = [], []
