@@ -95,6 +95,7 @@ from agent.records import InferenceBatch
 from agent.reference import ReferenceData
 from detectors import _probe_pattern as probe_pattern
 from detectors._benign_clients import BenignClients, w_quantile
+from detectors._binomial import binom_tail
 from detectors._client_slots import ClientSlots, EvictionAlarm, group_ranks
 from detectors._cohort import NewClientCohort
 from detectors._query_history import QueryHistory
@@ -143,11 +144,6 @@ class _WindowStats:
     counts: dict[int, np.ndarray]  # per flag bit
     signals: list[tuple[str, int, float]]  # (share test, its bit, its benign rate now)
     suspect: np.ndarray
-
-
-def _binom_tail(k: int, n: int, p: float) -> float:
-    """P(X >= k) for X ~ Binomial(n, p): how surprising k hits are at the benign rate p."""
-    return float(bdtrc(k - 1, n, p)) if k > 0 else 1.0
 
 
 class ExtractionDetector(Detector):
@@ -764,7 +760,7 @@ class ExtractionDetector(Detector):
         if not usable:
             return None
         share = hits / total
-        return ({"count": hits, "of": total, "share": share, "baseline": base, "p": _binom_tail(hits, total, base)},
+        return ({"count": hits, "of": total, "share": share, "baseline": base, "p": binom_tail(hits, total, base)},
                 self._large(name, share, base))
 
     def _hits_of(self, name: str, bit: int, counts: dict[int, Any], n: Any) -> tuple[Any, Any, Any]:

@@ -46,6 +46,7 @@ from scipy.stats import kstwobign
 from agent.findings import Finding, Severity
 from agent.records import InferenceBatch
 from agent.reference import ReferenceData
+from detectors._binomial import binom_tail
 from detectors.base import Detector, DetectorContext, DetectorOptions
 
 CONF_BINS = 20
@@ -292,7 +293,7 @@ class ModelVersionDetector(Detector):
         pairs, disagree = comp["pairs"], comp["disagree"]
         rate = disagree / pairs if pairs else 0.0
         null_rate = min(0.5, self.baseline_disagreement + 1e-3)
-        p_dis = float(_binom_sf(disagree, pairs, null_rate)) if pairs >= o.min_pairs else 1.0
+        p_dis = binom_tail(disagree, pairs, null_rate) if pairs >= o.min_pairs else 1.0
         shifts = {
             "class_rates": bool(p_classes < o.alpha and tv >= o.min_tv),
             "confidence": bool(p_conf < o.alpha and ks >= o.min_ks),
@@ -410,10 +411,3 @@ def _ks_hist(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     d = float(np.abs(np.cumsum(a) / na - np.cumsum(b) / nb).max())
     n_eff = na * nb / (na + nb)
     return d, float(kstwobign.sf(d * math.sqrt(n_eff)))
-
-
-def _binom_sf(k: int, n: int, p: float) -> float:
-    """P(X >= k), X ~ Binomial(n, p)."""
-    from scipy.special import bdtrc
-
-    return float(bdtrc(k - 1, n, p)) if k > 0 else 1.0

@@ -89,6 +89,7 @@ from scipy.special import bdtrc, chdtrc
 from agent.findings import Finding, Severity
 from agent.records import FeedbackBatch
 from agent.reference import ReferenceData
+from detectors._binomial import binom_tail
 from detectors.base import Detector, DetectorContext, DetectorOptions
 
 WINDOW_LEVEL = "*"  # the source key of a finding about a whole window (many sources)
@@ -262,7 +263,7 @@ class PoisoningDetector(Detector):
         # exact McNemar: of the rows exactly one of the two gets right, would the watched model's share be this
         # large if both answered rows new to them alike?
         only_watched, only_twin = int((watched_right & ~twin_right).sum()), int((~watched_right & twin_right).sum())
-        p_seen = float(bdtrc(only_watched - 1, only_watched + only_twin, 0.5)) if only_watched else 1.0
+        p_seen = binom_tail(only_watched, only_watched + only_twin, 0.5)
         seen = {"watched_model_errors": int((~watched_right).sum()), "twin_errors": int((~twin_right).sum()),
                 "p": p_seen, "rows": len(cal.y)}
         if p_seen >= self.opt.seen_alpha:
@@ -580,8 +581,8 @@ class PoisoningDetector(Detector):
                 continue
             # strong flags against the benign rate at the strict threshold; all implausible labels
             # (weak flags) against the rate honest labellers make mistakes at
-            p_strong = _binom_tail(st["flagged"], st["n"], self.strong_rate)
-            p_weak = _binom_tail(st["weak"], st["n"], self.weak_rate)
+            p_strong = binom_tail(st["flagged"], st["n"], self.strong_rate)
+            p_weak = binom_tail(st["weak"], st["n"], self.weak_rate)
             p = min(1.0, 2 * min(p_strong, p_weak))  # Bonferroni over the two tests
             source_tests[src] = {"n": st["n"], "flagged": st["flagged"], "weak": st["weak"], "p": p,
                                  "label_shift_p": self._label_shift_p(st["labels"])}
@@ -592,7 +593,7 @@ class PoisoningDetector(Detector):
         # a compromised source: all its implausible labels (weak flags too); elsewhere only strong flags
         rest = np.flatnonzero(leftover & win["strong"])
         n_rest = win["n"] - sum(win["sources"][s]["n"] for s in significant if s in win["sources"])
-        p_window = _binom_tail(len(rest), max(n_rest, len(rest)), self.strong_rate)
+        p_window = binom_tail(len(rest), max(n_rest, len(rest)), self.strong_rate)
         if len(rest) >= o.min_records and p_window < o.window_alpha:
             significant[WINDOW_LEVEL] = rest
         excess, excess_test = self._window_excess(win, leftover, n_rest)
@@ -639,7 +640,7 @@ class PoisoningDetector(Detector):
             return np.zeros(0, np.int64), {"p": 1.0}
         cand = np.flatnonzero(leftover & (win["score"] > self._thresholds(win["label"])[0]))
         n = max(n_rest, len(cand))
-        p = _binom_tail(len(cand), n, self.weak_rate)
+        p = binom_tail(len(cand), n, self.weak_rate)
         test = {"p": p, "records": n, "implausible": len(cand), "benign_expected": n * self.weak_rate}
         if len(cand) < o.min_records or p >= o.window_alpha:
             return np.zeros(0, np.int64), test
@@ -879,8 +880,3 @@ def _last(a: np.ndarray, n: int) -> np.ndarray:
 
 def _last_list(a: list, n: int) -> list:
     return a[len(a) - n :] if n < len(a) else a
-
-
-def _binom_tail(k: int, n: int, p: float) -> float:
-    """P(X >= k) for X ~ Binomial(n, p)."""
-    return float(bdtrc(k - 1, n, p)) if k > 0 else 1.0

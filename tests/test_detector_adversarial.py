@@ -731,3 +731,20 @@ def test_neighbours_option_caps_the_rows_the_neighbour_features_read(digits, mod
     assert capped.spec.knn_points.shape[0] == 50
     assert whole.spec.knn_points.shape[0] == 200  # below the default cap: all of them
     assert capped.statistics(digits.X_test[:8]).shape == (8, 2)
+
+
+def test_budget_sweep_measures_each_budget_and_norm_and_larger_budgets_are_caught_more() -> None:
+    """``python -m agent.scenarios.evasion budgets``: a row for the benign test rows, then per budget a PGD-L2
+    row and a PGD-L∞ row of the same radius over 8. A larger L2 budget moves rows further off the data, and
+    the detector catches more of them (README's budget table: 0.28 at 0.5, 0.86 at 2.0)."""
+    from agent.scenarios.evasion import budget_sweep
+
+    rows = budget_sweep("digits", budgets=(0.5, 2.0))
+    assert rows[0]["attack"] == "benign (unique test rows)" and rows[0]["tpr"] <= 0.02
+    by = {r["attack"]: r for r in rows[1:]}
+    assert set(by) == {"pgd_l2 0.5", "pgd_linf 0.0625", "pgd_l2 2", "pgd_linf 0.25"}
+    for row in by.values():
+        assert 0 < row["success_rate"] <= 1 and 0 <= row["tpr"] <= 1 and 0.5 <= row["auroc"] <= 1, row
+        assert 0 <= row["class_kept_share"] <= 1, row
+    assert by["pgd_l2 2"]["success_rate"] >= by["pgd_l2 0.5"]["success_rate"]
+    assert by["pgd_l2 2"]["tpr"] >= by["pgd_l2 0.5"]["tpr"] + 0.3, (by["pgd_l2 0.5"], by["pgd_l2 2"])
