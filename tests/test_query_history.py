@@ -14,6 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from detectors._benign_clients import spread as benign_spread
 from detectors._query_history import QueryHistory
 
 CPU = torch.device("cpu")
@@ -99,6 +100,8 @@ def test_nearest_distances_repeats_and_rings_match_one_query_at_a_time(seed: int
         if len(distinct) >= 2:
             centred = distinct.astype(np.float64) - distinct.astype(np.float64).mean(0)
             np.testing.assert_allclose(spread, np.sqrt((centred**2).sum(1).mean()), rtol=1e-6)
+            # the form the benign simulation calibrates `min_spread` with: the live test must measure the same
+            np.testing.assert_allclose(spread, benign_spread(torch.as_tensor(distinct), 2), rtol=1e-5)
         else:
             assert np.isnan(spread)
     again = QueryHistory(size, EPS, CPU)
