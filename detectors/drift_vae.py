@@ -577,7 +577,8 @@ class DriftVAE(Detector):
         return ~np.isin(inv, drop)
 
     def _few_clients_shift_classes(self, labels: np.ndarray, slots: np.ndarray,
-                                   test: Callable[[np.ndarray], tuple[float, float]], share: np.ndarray) -> bool:
+                                   test: Callable[[np.ndarray, np.ndarray], tuple[float, float, float]],
+                                   share: np.ndarray) -> bool:
         """Whether the class-prior shift vanishes once the clients whose predictions push it most are left
         out (a client's push: per row, how over-represented the row's class is in the window against the
         ``share`` expected); ``test`` is the one that found the shift, redone on the rest."""
@@ -589,14 +590,29 @@ class DriftVAE(Detector):
         keep = self._without_top_clients(slots, excess[labels])
         if int(keep.sum()) < k:
             return True
-        return test(np.bincount(labels[keep], minlength=k).astype(np.float64))[1] >= self.opts.robust_p
+        return test(labels[keep], slots[keep])[1] >= self.opts.robust_p
 
-    def _prior_chi2(self, counts: np.ndarray) -> tuple[float, float]:
-        """Chi-square of one window's class counts against the reference frequencies, taken as known."""
-        return _pearson(counts, self.class_freq * counts.sum(), len(counts) - 1)
+    def _window_test(self, labels: np.ndarray, slots: np.ndarray) -> tuple[float, float, float]:
+        """Chi-square of one window's class counts against the reference frequencies, taken as known, with
+        clients as clusters (``_client_design_correction``): (chi2, p, the correction it was divided by)."""
+        counts = np.bincount(labels, minlength=len(self.class_freq)).astype(np.float64)
+        correction = _client_design_correction(labels, slots, len(self.class_freq))
+        return (*_pearson(counts, self.class_freq * counts.sum(), len(counts) - 1, correction), correction)
+
+    def _recent_test(self, before: np.ndarray, labels: np.ndarray, slots: np.ndarray
+                     ) -> tuple[float, float, float]:
+        """The recent windows' class counts against the ``before`` counts of the windows before them
+        (``_prior_two_sample``), with the recent rows' clients as clusters. The earlier rows' clients are no
+        longer known; taken as independent, they add the plain variance of their share: the correction is the
+        recent sample's, weighted by its share of the variance of the difference."""
+        counts = np.bincount(labels, minlength=len(before)).astype(np.float64)
+        n_recent, n_before = counts.sum(), before.sum()
+        own = _client_design_correction(labels, slots, len(before))
+        correction = (own / n_recent + 1.0 / n_before) / (1.0 / n_recent + 1.0 / n_before)
+        return (*self._prior_two_sample(before, counts, correction), correction)
 
     @staticmethod
-    def _prior_two_sample(before: np.ndarray, counts: np.ndarray) -> tuple[float, float]:
+    def _prior_two_sample(before: np.ndarray, counts: np.ndarray, correction: float = 1.0) -> tuple[float, float]:
         """Pearson's chi-square of recent class counts against earlier ones (a 2 x k table; classes that
         neither has are left out): both are samples, so neither's shares are taken as known."""
         table = np.stack([before, counts])
@@ -606,7 +622,7 @@ class DriftVAE(Detector):
         # scipy.stats.chi2_contingency(table, correction=False), without its 0.5 ms of wrappers a call (it
         # ran once per 300 records and cost this detector a quarter of its throughput); a test checks both agree
         expected = table.sum(1, keepdims=True) * table.sum(0, keepdims=True) / table.sum()
-        return _pearson(table, expected, table.shape[1] - 1)
+        return _pearson(table, expected, table.shape[1] - 1, correction)
 
     def _few_clients_explain(self, st: dict[str, Any], z: np.ndarray, n_fit: int) -> bool:
         """Whether the window's mean shift vanishes once the clients pushing it most are left out.
@@ -669,7 +685,7 @@ class DriftVAE(Detector):
         """
         labels, slots = st["labels"], st["label_slots"]
         counts = np.bincount(labels, minlength=k).astype(np.float64)
-        tests = [(labels, slots, counts, self._prior_chi2, self.class_freq, "window")]
+        tests = [(labels, slots, self._window_test, self.class_freq, "window")]
         L = self.opts.label_long_windows
         if L > 0:
             history = np.concatenate([st["window_counts"].reshape(-1, k), counts[None]])
@@ -677,22 +693,23 @@ class DriftVAE(Detector):
             recent_slots = np.concatenate([st["recent_slots"], slots])
             if len(history) >= 3 * L:
                 before = history[-3 * L : -L].sum(0)
-                tests.append((recent_labels, recent_slots, history[-L:].sum(0),
-                              functools.partial(self._prior_two_sample, before), before / before.sum(),
-                              "recent_windows_vs_before"))
+                tests.append((recent_labels, recent_slots, functools.partial(self._recent_test, before),
+                              before / before.sum(), "recent_windows_vs_before"))
             drop = max(0, len(recent_labels) - (L - 1) * self.opts.label_window)  # keep what the next test takes
             st["window_counts"] = history[-(3 * L - 1):]
             st["recent_labels"], st["recent_slots"] = recent_labels[drop:], recent_slots[drop:]
         left_to_clients = False
-        for sample, sample_slots, sample_counts, test, expected_share, name in tests:
-            chi2, pval = test(sample_counts)
+        for sample, sample_slots, test, expected_share, name in tests:
+            chi2, pval, correction = test(sample, sample_slots)
             if pval >= self.opts.label_p:
                 continue
             if self._few_clients_shift_classes(sample, sample_slots, test, expected_share):
                 left_to_clients = True
                 continue
+            sample_counts = np.bincount(sample, minlength=k)
             n = sample_counts.sum()
             return {"chi2": chi2, "p": pval, "threshold_p": self.opts.label_p, "window": int(n), "test": name,
+                    "client_design_correction": round(correction, 4),
                     "observed_share": (sample_counts / n).round(4).tolist(),
                     "reference_share": np.asarray(expected_share).round(4).tolist()}, False
         return None, left_to_clients
@@ -796,11 +813,40 @@ def _label_window() -> dict[str, Any]:
     return {"labels": np.zeros(0, np.int64), "label_slots": np.zeros(0, np.int64)}
 
 
-def _pearson(observed: np.ndarray, expected: np.ndarray, df: int) -> tuple[float, float]:
-    """Pearson's chi-square statistic of observed against expected counts, and its p-value at ``df`` degrees of
-    freedom (= scipy.stats.chi2.sf(chi2, df))."""
-    chi2 = float(((observed - expected) ** 2 / expected).sum())
+def _pearson(observed: np.ndarray, expected: np.ndarray, df: int, correction: float = 1.0
+             ) -> tuple[float, float]:
+    """Pearson's chi-square statistic of observed against expected counts divided by ``correction`` (a design
+    correction, 1 for independent rows), and its p-value at ``df`` degrees of freedom (=
+    scipy.stats.chi2.sf(chi2, df))."""
+    chi2 = float(((observed - expected) ** 2 / expected).sum()) / correction
     return chi2, float(chdtrc(df, chi2))
+
+
+def _client_design_correction(labels: np.ndarray, slots: np.ndarray, k: int) -> float:
+    """Rao and Scott's first-order design correction (JASA 1981) of a class-count chi-square, clients as
+    clusters: D = sum_c (1 - p_c) deff_c / (k - 1), floored at 1.
+
+    Why: Pearson's test counts every record as independent evidence, but one client's records are not
+    independent of each other: a black-box prober sends hundreds of near-identical queries the model
+    answers with one class. Measured in the demo: ten of one SimBA prober's queries in a window of 300 took a
+    benign class-prior window from p ~ 1e-3 to 6e-8, a false alarm just past the 1e-7 threshold. With clients
+    as clusters the variance of each class share is the between-client one (Taylor linearisation, as SAS
+    PROC SURVEYFREQ computes it): a client whose rows pile onto one class inflates its class's design
+    effect deff_c, and the statistic shrinks accordingly, while a drift that moves every client's answers
+    keeps deff near 1 and the test as it was. Floored at 1: never stricter than the plain test.
+    """
+    n = len(labels)
+    clients, inverse = np.unique(slots, return_inverse=True)
+    g = len(clients)
+    if g < 2 or n < 2:
+        return 1.0
+    per_client = np.bincount(inverse * k + labels, minlength=g * k).reshape(g, k).astype(np.float64)
+    share = per_client.sum(0) / n
+    rows = per_client.sum(1)
+    var = g / (g - 1) * ((per_client - rows[:, None] * share[None, :]) ** 2).sum(0) / n**2
+    srs = share * (1 - share) / (n - 1)
+    deff = np.where(srs > 0, var / np.where(srs > 0, srs, 1.0), 1.0)
+    return max(1.0, float(((1 - share) * deff).sum() / (k - 1)))
 
 
 def _recent_windows() -> dict[str, Any]:

@@ -459,3 +459,54 @@ def test_the_two_sample_prior_test_is_scipys_chi2_contingency(seed: int) -> None
     keep = (before + recent) > 0
     ref = chi2_contingency(np.stack([before[keep], recent[keep]]), correction=False)
     assert DriftVAE._prior_two_sample(before, recent) == pytest.approx((ref.statistic, ref.pvalue), rel=1e-9)
+
+
+def test_client_design_correction_is_the_cluster_design_effect() -> None:
+    """Rao-Scott's first-order correction with clients as clusters. For two classes it is the design effect of
+    the class share: its between-client variance over the variance of a simple random sample."""
+    from detectors.drift_vae import _client_design_correction
+
+    labels = np.array([0, 0, 0, 0, 1, 0, 1, 1, 0, 1])
+    slots = np.array([7, 7, 7, 7, 1, 2, 3, 4, 5, 6])  # client 7 sends four rows, all of class 0
+    n, p = len(labels), labels.mean()  # share of class 1
+    rows = np.array([4, 1, 1, 1, 1, 1, 1])
+    ones = np.array([0, 1, 0, 1, 1, 0, 1])  # per client (7, 1, 2, ..., 6): rows of class 1
+    var = 7 / 6 * ((ones - rows * p) ** 2).sum() / n**2
+    assert _client_design_correction(labels, slots, 2) == pytest.approx(var / (p * (1 - p) / (n - 1)))
+    # one row per client: independent rows, no correction (the estimate, near 1, is floored at 1)
+    assert _client_design_correction(labels, np.arange(n), 2) == 1.0
+
+
+def test_a_class_prior_shift_that_few_clients_make_is_discounted_not_one_that_everyone_makes(digits, artifacts
+                                                                                             ) -> None:
+    """One prober (16 % of the traffic) whose answers all fall in the rarest class pushes the plain chi-square of
+    most windows past `label_p`; its rows are not independent evidence, and the test with clients as clusters
+    stays quiet, even without the leave-out check and the share cap. The same extra rows of that class spread
+    over all 150 tenants are a population shift, and are found."""
+    rng = np.random.default_rng(5)
+    n = 6000
+    det0 = fitted(digits, artifacts)
+    k, freq = len(det0.class_freq), det0.class_freq
+    rare = int(np.argmin(freq))
+    X = benign(digits, n, seed=41)
+
+    def stream(concentrated: bool) -> tuple[list[str], np.ndarray]:
+        labels = rng.choice(k, n, p=freq)
+        clients = [f"tenant-{c}" for c in rng.integers(0, 150, n)]
+        skewed = rng.random(n) < 0.16
+        labels[skewed] = rare
+        for j in np.flatnonzero(skewed):
+            clients[j] = "prober" if concentrated else f"tenant-{j % 150}"
+        return clients, labels
+
+    clients, labels = stream(concentrated=True)
+    from detectors.drift_vae import _pearson
+
+    plain = [_pearson(np.bincount(labels[i : i + 300], minlength=k).astype(float), freq * 300, k - 1)[1]
+             for i in range(0, n, 300)]
+    assert np.mean(np.array(plain) < det0.opts.label_p) > 0.5, "the plain test would call it a prior shift"
+    quiet = fitted(digits, artifacts, robust_share=0, client_max_share=1.0)
+    assert [f for f in feed(quiet, X, clients, labels) if f.evidence.get("channel") == "label"] == []
+    clients, labels = stream(concentrated=False)
+    found = fitted(digits, artifacts, robust_share=0, client_max_share=1.0)
+    assert [f for f in feed(found, X, clients, labels) if f.evidence.get("channel") == "label"]
