@@ -577,7 +577,7 @@ class DriftVAE(Detector):
         return ~np.isin(inv, drop)
 
     def _few_clients_shift_classes(self, labels: np.ndarray, slots: np.ndarray,
-                                   test: Callable[[np.ndarray, np.ndarray], tuple[float, float, float]],
+                                   test: Callable[[np.ndarray, np.ndarray, float], tuple[float, float, float]],
                                    share: np.ndarray) -> bool:
         """Whether the class-prior shift vanishes once the clients whose predictions push it most are left
         out (a client's push: per row, how over-represented the row's class is in the window against the
@@ -590,22 +590,32 @@ class DriftVAE(Detector):
         keep = self._without_top_clients(slots, excess[labels])
         if int(keep.sum()) < k:
             return True
-        return test(labels[keep], slots[keep])[1] >= self.opts.robust_p
+        return test(labels[keep], slots[keep], self.opts.robust_p)[1] >= self.opts.robust_p
 
-    def _window_test(self, labels: np.ndarray, slots: np.ndarray) -> tuple[float, float, float]:
+    def _window_test(self, labels: np.ndarray, slots: np.ndarray, level: float) -> tuple[float, float, float]:
         """Chi-square of one window's class counts against the reference frequencies, taken as known, with
-        clients as clusters (``_client_design_correction``): (chi2, p, the correction it was divided by)."""
+        clients as clusters (``_client_design_correction``): (chi2, p, the correction it was divided by).
+        The correction (never below 1) is computed only when the plain p is under ``level``: above it, the
+        corrected p is too, and benign windows are nearly all above."""
         counts = np.bincount(labels, minlength=len(self.class_freq)).astype(np.float64)
+        expected = self.class_freq * counts.sum()
+        chi2, p = _pearson(counts, expected, len(counts) - 1)
+        if p >= level:
+            return chi2, p, 1.0
         correction = _client_design_correction(labels, slots, len(self.class_freq))
-        return (*_pearson(counts, self.class_freq * counts.sum(), len(counts) - 1, correction), correction)
+        return (*_pearson(counts, expected, len(counts) - 1, correction), correction)
 
-    def _recent_test(self, before: np.ndarray, labels: np.ndarray, slots: np.ndarray
+    def _recent_test(self, before: np.ndarray, labels: np.ndarray, slots: np.ndarray, level: float
                      ) -> tuple[float, float, float]:
         """The recent windows' class counts against the ``before`` counts of the windows before them
         (``_prior_two_sample``), with the recent rows' clients as clusters. The earlier rows' clients are no
         longer known; taken as independent, they add the plain variance of their share: the correction is the
-        recent sample's, weighted by its share of the variance of the difference."""
+        recent sample's, weighted by its share of the variance of the difference. Computed only when the
+        plain p is under ``level``, as in ``_window_test``."""
         counts = np.bincount(labels, minlength=len(before)).astype(np.float64)
+        chi2, p = self._prior_two_sample(before, counts)
+        if p >= level:
+            return chi2, p, 1.0
         n_recent, n_before = counts.sum(), before.sum()
         own = _client_design_correction(labels, slots, len(before))
         correction = (own / n_recent + 1.0 / n_before) / (1.0 / n_recent + 1.0 / n_before)
@@ -700,7 +710,7 @@ class DriftVAE(Detector):
             st["recent_labels"], st["recent_slots"] = recent_labels[drop:], recent_slots[drop:]
         left_to_clients = False
         for sample, sample_slots, test, expected_share, name in tests:
-            chi2, pval, correction = test(sample, sample_slots)
+            chi2, pval, correction = test(sample, sample_slots, self.opts.label_p)
             if pval >= self.opts.label_p:
                 continue
             if self._few_clients_shift_classes(sample, sample_slots, test, expected_share):
