@@ -192,8 +192,9 @@ class AdversarialDetector(Detector):
         neighbours: int = Field(
             MAX_NEIGHBOURS, ge=10, description="reference rows (a random sample when there are more) the neighbour "
                                                "features (vote and nearest distance, 9-10) are measured against; "
-                                               "their cost grows with it (2-core CPU: 10.2 µs per record for the "
-                                               "whole detector at 1,257 rows, 8.0 at 640), and fewer catch less")
+                                               "their cost grows with it (2-core CPU, medians on the bench's "
+                                               "batches: 12.7 µs per record for the whole detector at 1,257 rows, "
+                                               "11.0 at 640), and fewer catch less")
         second_squeezer: bool = Field(False, description="also squeeze with 2x2 median smoothing (images) or a "
                                                         "coarse grid (tabular): one more model pass per record")
         noise_scale: float = Field(0.1, gt=0, description="noise std as a fraction of each feature's std")
