@@ -838,8 +838,8 @@ def _client_design_correction(labels: np.ndarray, slots: np.ndarray, k: int) -> 
 
     Why: Pearson's test counts every record as independent evidence, but one client's records are not
     independent of each other: a black-box prober sends hundreds of near-identical queries the model
-    answers with one class. Measured in the demo: ten of one SimBA prober's queries in a window of 300 took a
-    benign class-prior window from p ~ 1e-3 to 6e-8, a false alarm just past the 1e-7 threshold. With clients
+    answers with one class. Measured in the demo: ten of one SimBA prober's queries in a window of 300 (its
+    tenants' answers alone: p 2.8e-5) took it to 6e-8, a false alarm just past the 1e-7 threshold. With clients
     as clusters the variance of each class share is the between-client one (Taylor linearisation, as SAS
     PROC SURVEYFREQ computes it): a client whose rows pile onto one class inflates its class's design
     effect deff_c, and the statistic shrinks accordingly, while a drift that moves every client's answers
