@@ -1,7 +1,9 @@
 """The binomial upper tail: how surprising ``k`` hits out of ``n`` are when each is a hit with the benign rate.
 
 Shared by ``extraction`` (a client's share of boundary, near-duplicate or off-reference queries against the
-typical client's) and ``poisoning`` (a source's or window's flagged feedback records against the clean rate).
+typical client's), ``poisoning`` (a source's or window's flagged feedback records against the clean rate; the
+exact McNemar test of the watched model against its twin) and ``model_version`` (answers that disagree with
+the previous version's).
 """
 
 from __future__ import annotations
