@@ -17,9 +17,16 @@ aggregate finding per episode instead of a flood.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
+
+
+class KnnReference(Protocol):
+    """The reference rows of the k-NN features, as ``_adv_features.FeatureSpec`` holds them."""
+
+    knn_scale: np.ndarray  # [d] the per-feature scale the rows were divided by
+    knn_points: np.ndarray  # [m, d] the reference rows, divided by knn_scale
 
 
 def sqdist(q: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -78,16 +85,12 @@ class ShiftGuard:
             self.inputs = np.zeros((len(self.inputs), dim), np.float32)
             self.inputs_fill = self.inputs_pos = 0
 
-    def judge(self, X: np.ndarray, ts: float, scores: np.ndarray, raw_flagged: np.ndarray, inverse: np.ndarray,
-              uniq: np.ndarray, open_campaigns: list[int], knn_scale: np.ndarray, knn_points: np.ndarray
-              ) -> ShiftVerdict:
-        """Update the background with one batch and say which of its flagged records count.
+    def background(self, raw_flagged: np.ndarray, inverse: np.ndarray, uniq: np.ndarray,
+                   open_campaigns: list[int]) -> np.ndarray:
+        """Per row, whether it belongs to the background: not to one of the batch's heaviest flaggers (the top
+        ``top_share`` of its clients by flagged rows) nor to a client with an open campaign.
 
-        ``inverse`` maps each row to its client in ``uniq`` (slots);
-        ``open_campaigns`` are the slots with an open campaign, left out of the
-        background as the heaviest flaggers are; ``scores`` rank records within
-        shifted traffic; ``knn_scale`` / ``knn_points`` are the reference rows
-        of the k-NN features (``_apart``).
+        ``inverse`` maps each row to its client in ``uniq`` (slots); ``open_campaigns`` are slots.
         """
         k = len(uniq)
         per_client = np.bincount(inverse, weights=raw_flagged, minlength=k)
@@ -96,7 +99,16 @@ class ShiftGuard:
         heavy[np.argsort(-per_client, kind="stable")[:top]] = True
         heavy &= per_client > 0
         heavy |= np.isin(uniq, open_campaigns)
-        background = ~heavy[inverse]
+        return ~heavy[inverse]
+
+    def judge(self, X: np.ndarray, ts: float, scores: np.ndarray, raw_flagged: np.ndarray, background: np.ndarray,
+              reference: KnnReference) -> ShiftVerdict:
+        """Update the background with one batch and say which of its flagged records count.
+
+        ``background``: the rows that speak for everyone (:meth:`background`);
+        ``scores`` rank records within shifted traffic; ``reference`` holds the
+        reference rows of the k-NN features (:meth:`apart`).
+        """
         if self.ts is not None:
             decay = 0.5 ** (max(ts - self.ts, 0.0) / self.half_life_s)
             self.total *= decay
@@ -123,8 +135,7 @@ class ShiftGuard:
             if len(window):
                 n_ge = len(window) - np.searchsorted(np.sort(window), scores, side="left")
                 local_p = (1.0 + n_ge) / (len(window) + 1.0)
-                flagged = raw_flagged & ((local_p <= self.fpr)
-                                         | self.apart(X, raw_flagged, background, knn_scale, knn_points))
+                flagged = raw_flagged & ((local_p <= self.fpr) | self.apart(X, raw_flagged, background, reference))
             if self.episode is None:
                 self.episode = {"start_ts": ts, "suppressed": 0}
                 started = max(rate, recent)
@@ -135,8 +146,8 @@ class ShiftGuard:
         self._push_inputs(X[background & ~flagged])
         return ShiftVerdict(flagged, started, suppressed)
 
-    def apart(self, X: np.ndarray, raw_flagged: np.ndarray, background: np.ndarray, knn_scale: np.ndarray,
-              knn_points: np.ndarray) -> np.ndarray:
+    def apart(self, X: np.ndarray, raw_flagged: np.ndarray, background: np.ndarray, reference: KnnReference
+              ) -> np.ndarray:
         """Flagged rows nearer to the reference rows than to the shifted traffic: not part of the shift.
 
         An attacker whose inputs did not move with everyone else's (its own
@@ -157,6 +168,7 @@ class ShiftGuard:
         out = np.zeros(len(X), dtype=bool)
         if len(rows) == 0:
             return out
+        knn_scale, knn_points = reference.knn_scale, reference.knn_points
         q = X[rows] / knn_scale
         d_ref = min_sqdist(q, knn_points)
         mates = np.flatnonzero(background)

@@ -571,8 +571,8 @@ class AdversarialDetector(Detector):
         inverse = np.searchsorted(uniq, slots)
         near_dup = self._near_duplicates(batch.X, order, starts, uniq)
         ts = float(batch.ts[-1])
-        shift = self.shift.judge(batch.X, ts, scores, raw_flagged, inverse, uniq, list(self._campaigns),
-                                 self.spec.knn_scale, self.spec.knn_points)
+        background = self.shift.background(raw_flagged, inverse, uniq, list(self._campaigns))
+        shift = self.shift.judge(batch.X, ts, scores, raw_flagged, background, self.spec)
         flagged = shift.flagged
         self._counters["shift_suppressed"] += shift.suppressed
         shift_finding = None

@@ -361,6 +361,8 @@ def test_a_noise_shift_is_not_taken_for_attackers_whose_inputs_did_not_move(digi
 
 def test_apart_from_shift_with_no_background_rows_in_the_batch() -> None:
     """Regression (seen in the demo): every row of a batch flagged, none left as background, must not crash."""
+    from types import SimpleNamespace
+
     import numpy as np
 
     from detectors._shift_guard import ShiftGuard
@@ -370,7 +372,8 @@ def test_apart_from_shift_with_no_background_rows_in_the_batch() -> None:
     guard.inputs = np.random.default_rng(0).random((8, 4)).astype(np.float32)
     guard.inputs_fill = 8
     X = np.ones((5, 4), np.float32)
-    out = guard.apart(X, np.ones(5, bool), np.zeros(5, bool), np.ones(4, np.float32), np.zeros((3, 4), np.float32))
+    reference = SimpleNamespace(knn_scale=np.ones(4, np.float32), knn_points=np.zeros((3, 4), np.float32))
+    out = guard.apart(X, np.ones(5, bool), np.zeros(5, bool), reference)
     assert out.shape == (5,) and out.dtype == bool
 
 
