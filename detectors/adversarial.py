@@ -121,7 +121,7 @@ def _scorer(hidden: int, n_features: int = N_FEATURES) -> nn.Module:
 
 
 # The weight decay of the MLP scorer (option `hidden` > 0); the logistic scorer's penalty is chosen per fit
-# (option `scorer_l2`, `AdversarialDetector._scorer_l2`)
+# (option `scorer_l2`, `AdversarialDetector._choose_scorer_l2`)
 MLP_WEIGHT_DECAY = 1e-4
 
 
@@ -299,7 +299,6 @@ class AdversarialDetector(Detector):
         self.calibrator: OrCalibrator | None = None
         self.typical_distance = 1.0
         self.fit_report: dict[str, Any] = {}
-        self._scorer_l2 = 1e-4  # set by fit (`_choose_scorer_l2`)
         self._extractor: FeatureExtractor | None = None
         self._counters = {"records": 0, "flagged": 0, "record_findings": 0, "record_findings_capped": 0,
                           "campaigns": 0, "evicted_clients": 0, "shift_episodes": 0, "shift_suppressed": 0}
@@ -356,10 +355,12 @@ class AdversarialDetector(Detector):
         hidden = self.opts.hidden_layer
         self.spec = self._fit_spec(reference.X, reference.input_shape, _forward(runtime_model, hidden))
         self._extractor = None  # the deployed statistics
-        cv_loss = self._choose_scorer_l2(folds)
-        self.scorer, self.feat_mean, self.feat_std = self._train_scorer(folds)
-        calibration = np.concatenate([fold.statistics(self._train_scorer(folds, without=k), self.opts.boundary_test)
-                                      for k, fold in enumerate(folds)])
+        l2, cv_loss, held_out = self._choose_scorer_l2(folds)
+        self.scorer, self.feat_mean, self.feat_std = self._train_scorer(folds, l2)
+        # each fold scored by a scorer trained without it: the search already trained those for the chosen penalty
+        held_out = held_out or [self._train_scorer(folds, l2, without=k) for k in range(len(folds))]
+        calibration = np.concatenate([fold.statistics(scorer, self.opts.boundary_test)
+                                      for fold, scorer in zip(folds, held_out)])
         self.calibrator = self._calibrator(calibration)
         ref = reference.X[np.random.default_rng(self.context.seed).permutation(len(reference.X))[:400]]
         dists = np.linalg.norm(ref[: len(ref) // 2] - ref[len(ref) // 2 : 2 * (len(ref) // 2)], axis=1)
@@ -369,7 +370,7 @@ class AdversarialDetector(Detector):
                            "boundary_test": "on" if self.opts.boundary_test else "off (option)",
                            "threshold": self._threshold_note(len(calibration)),
                            "calibrated_with_twin_surrogate": surrogate,
-                           "scorer": "mlp" if self.opts.hidden else {"l2": self._scorer_l2, "cv_loss": cv_loss}}
+                           "scorer": "mlp" if self.opts.hidden else {"l2": l2, "cv_loss": cv_loss}}
 
     def _trained_on(self, rows: ReferenceData, seed_offset: int):
         """A model of the surrogate recipe trained on ``rows`` only (labels, else the watched model's answers), so
@@ -384,9 +385,11 @@ class AdversarialDetector(Detector):
             p.requires_grad_(False)
         return model
 
-    def _choose_scorer_l2(self, folds: list[_Fold]) -> dict[str, float]:
-        """Set the logistic scorer's L2 penalty to the candidate of ``scorer_l2`` with the smallest cross-validated
-        loss, and return each candidate's loss (none with one candidate, or for the MLP scorer).
+    def _choose_scorer_l2(self, folds: list[_Fold]
+                          ) -> tuple[float, dict[str, float], list[tuple[nn.Module, np.ndarray, np.ndarray]]]:
+        """The logistic scorer's L2 penalty: the candidate of ``scorer_l2`` with the smallest cross-validated loss.
+        Returns it, each candidate's loss, and the chosen candidate's scorers trained without each fold (none
+        searched with one candidate, or for the MLP scorer: empty).
 
         A candidate's loss is the mean over folds of the fold's clean and
         attacked rows' cross-entropy (equally weighted), scored by a scorer
@@ -402,13 +405,15 @@ class AdversarialDetector(Detector):
         FGSM and a quarter less PGD-L∞ (README, "The scorer is solved").
         """
         grid = sorted(set(self.opts.scorer_l2))
-        self._scorer_l2 = grid[0]
         if len(grid) == 1 or self.opts.hidden > 0:
-            return {}
+            return grid[0], {}, []
         per_fold = np.zeros((len(grid), len(folds)))
+        scorers: list[list[tuple[nn.Module, np.ndarray, np.ndarray]]] = []
         for i, l2 in enumerate(grid):
+            scorers.append([])
             for k, fold in enumerate(folds):
-                scorer = self._train_scorer(folds, without=k, l2=l2)
+                scorer = self._train_scorer(folds, l2, without=k)
+                scorers[-1].append(scorer)
                 with torch.no_grad():
                     clean = nn.functional.binary_cross_entropy_with_logits(
                         _logit(scorer, fold.clean), torch.zeros(len(fold.clean), device=fold.clean.device))
@@ -416,14 +421,14 @@ class AdversarialDetector(Detector):
                         _logit(scorer, fold.adv), torch.ones(len(fold.adv), device=fold.adv.device))
                 per_fold[i, k] = 0.5 * float(clean + adv)
         loss = per_fold.mean(1)
-        self._scorer_l2 = grid[int(np.argmin(loss))]
-        return {f"{l2:g}": float(v) for l2, v in zip(grid, loss)}
+        best = int(np.argmin(loss))
+        return grid[best], {f"{l2:g}": float(v) for l2, v in zip(grid, loss)}, scorers[best]
 
-    def _train_scorer(self, folds: list[_Fold], without: int | None = None, l2: float | None = None
+    def _train_scorer(self, folds: list[_Fold], l2: float, without: int | None = None
                       ) -> tuple[nn.Module, np.ndarray, np.ndarray]:
         """The scorer (and its feature standardisation) trained on the folds' clean vs attacked features,
         leaving out fold ``without`` (whose rows it then scores for calibration); the logistic scorer with L2
-        penalty ``l2`` (None: the one ``_choose_scorer_l2`` chose)."""
+        penalty ``l2`` (the MLP scorer's weight decay is ``MLP_WEIGHT_DECAY``)."""
         dev = self.context.device
         kept = [f for k, f in enumerate(folds) if k != without]
         f_clean, f_adv = torch.cat([f.clean for f in kept]), torch.cat([f.adv for f in kept])
@@ -439,7 +444,7 @@ class AdversarialDetector(Detector):
             return nn.functional.binary_cross_entropy_with_logits(scorer(z)[:, 0], labels, pos_weight=pos_weight)
 
         if self.opts.hidden == 0:
-            _solve_logistic(scorer[0], loss, self._scorer_l2 if l2 is None else l2)
+            _solve_logistic(scorer[0], loss, l2)
         else:
             opt = torch.optim.Adam(scorer.parameters(), lr=2e-2, weight_decay=MLP_WEIGHT_DECAY)
             for _ in range(self.opts.epochs):

@@ -594,32 +594,26 @@ class DriftVAE(Detector):
 
     def _window_test(self, labels: np.ndarray, slots: np.ndarray, level: float) -> tuple[float, float, float]:
         """Chi-square of one window's class counts against the reference frequencies, taken as known, with
-        clients as clusters (``_client_design_correction``): (chi2, p, the correction it was divided by).
-        The correction (never below 1) is computed only when the plain p is under ``level``: above it, the
-        corrected p is too, and benign windows are nearly all above."""
+        clients as clusters (``_below_level_corrected``): (chi2, p, the correction it was divided by)."""
         counts = np.bincount(labels, minlength=len(self.class_freq)).astype(np.float64)
         expected = self.class_freq * counts.sum()
-        chi2, p = _pearson(counts, expected, len(counts) - 1)
-        if p >= level:
-            return chi2, p, 1.0
-        correction = _client_design_correction(labels, slots, len(self.class_freq))
-        return (*_pearson(counts, expected, len(counts) - 1, correction), correction)
+        return _below_level_corrected(lambda d: _pearson(counts, expected, len(counts) - 1, d),
+                                      lambda: _client_design_correction(labels, slots, len(counts)), level)
 
     def _recent_test(self, before: np.ndarray, labels: np.ndarray, slots: np.ndarray, level: float
                      ) -> tuple[float, float, float]:
         """The recent windows' class counts against the ``before`` counts of the windows before them
         (``_prior_two_sample``), with the recent rows' clients as clusters. The earlier rows' clients are no
         longer known; taken as independent, they add the plain variance of their share: the correction is the
-        recent sample's, weighted by its share of the variance of the difference. Computed only when the
-        plain p is under ``level``, as in ``_window_test``."""
+        recent sample's, weighted by its share of the variance of the difference."""
         counts = np.bincount(labels, minlength=len(before)).astype(np.float64)
-        chi2, p = self._prior_two_sample(before, counts)
-        if p >= level:
-            return chi2, p, 1.0
         n_recent, n_before = counts.sum(), before.sum()
-        own = _client_design_correction(labels, slots, len(before))
-        correction = (own / n_recent + 1.0 / n_before) / (1.0 / n_recent + 1.0 / n_before)
-        return (*self._prior_two_sample(before, counts, correction), correction)
+
+        def correction() -> float:
+            own = _client_design_correction(labels, slots, len(before))
+            return (own / n_recent + 1.0 / n_before) / (1.0 / n_recent + 1.0 / n_before)
+
+        return _below_level_corrected(lambda d: self._prior_two_sample(before, counts, d), correction, level)
 
     @staticmethod
     def _prior_two_sample(before: np.ndarray, counts: np.ndarray, correction: float = 1.0) -> tuple[float, float]:
@@ -830,6 +824,18 @@ def _pearson(observed: np.ndarray, expected: np.ndarray, df: int, correction: fl
     scipy.stats.chi2.sf(chi2, df))."""
     chi2 = float(((observed - expected) ** 2 / expected).sum()) / correction
     return chi2, float(chdtrc(df, chi2))
+
+
+def _below_level_corrected(test: Callable[[float], tuple[float, float]], correction: Callable[[], float],
+                           level: float) -> tuple[float, float, float]:
+    """``test`` (chi2, p for a design correction) plain, and where its p is under ``level`` again divided by
+    ``correction()``: (chi2, p, the correction used). The correction (never below 1) only raises p, so above
+    the level the plain result stands, and benign windows, nearly all above it, skip computing it."""
+    chi2, p = test(1.0)
+    if p >= level:
+        return chi2, p, 1.0
+    d = correction()
+    return (*test(d), d)
 
 
 def _client_design_correction(labels: np.ndarray, slots: np.ndarray, k: int) -> float:
