@@ -9,7 +9,7 @@ operator can see when the bound is too small for the traffic.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 
 import numpy as np
@@ -45,11 +45,29 @@ class ClientSlots:
         """
         fresh: list[int] = []
         slot_of = self._slot_of
+        distinct = list(dict.fromkeys(clients))  # in order of first appearance
+        found = list(map(slot_of.get, distinct))
+        new = [i for i, slot in enumerate(found) if slot is None]
+        if len(new) <= len(self._free) + self.max_clients - self._next:
+            # Nothing to evict (the usual batch): the same table as one client at a time (below), at C speed.
+            # New clients are inserted first, then every distinct client moved to the end in order of first
+            # appearance: the least recently seen order comes out as if each had been handled in turn.
+            for i in new:
+                found[i] = slot_of[distinct[i]] = self._take_slot()
+                fresh.append(found[i])
+            deque(map(slot_of.move_to_end, distinct), maxlen=0)
+            batch = dict(zip(distinct, found))
+        else:
+            batch = self._assign_one_by_one(distinct, fresh)
+        slots = np.fromiter(map(batch.__getitem__, clients), dtype=np.int64, count=len(clients))
+        return slots, fresh
+
+    def _assign_one_by_one(self, distinct: list[str], fresh: list[int]) -> dict[str, int]:
+        """Each distinct client in turn looked up (made the most recent) or given a slot, evicting as it goes: a
+        client that comes later in the batch may be evicted by an earlier new one, and then comes back fresh."""
+        slot_of = self._slot_of
         batch: dict[str, int] = {}
-        # the LRU table is touched once per distinct client, in order of first appearance (the same
-        # sequence of lookups, insertions and evictions as row by row); rows then map through a
-        # plain dict at C speed. Four detectors call this for every batch, so it is on the hot path.
-        for client in dict.fromkeys(clients):
+        for client in distinct:
             slot = slot_of.get(client)
             if slot is None:
                 slot = self._take_slot()
@@ -58,8 +76,7 @@ class ClientSlots:
             else:
                 slot_of.move_to_end(client)
             batch[client] = slot
-        slots = np.fromiter(map(batch.__getitem__, clients), dtype=np.int64, count=len(clients))
-        return slots, fresh
+        return batch
 
     def _take_slot(self) -> int:
         if self._free:
