@@ -235,7 +235,9 @@ class FeatureExtractor:
             # [|mean|^2 | -(each direction's class mean projected on it)]; a [R, k] indicator sums per class
             self.class_weights = torch.cat([-2 * means.T, basis], dim=1).contiguous()
             self.class_bias = torch.cat([means.pow(2).sum(1), -(means[owner] * basis.T).sum(1)])
-            self.class_indicator = torch.nn.functional.one_hot(owner, self.n_subspace_classes).float()
+            # [k, R]: each class's sum over its directions as [k x R] times the squares' transpose (the product
+            # with the [R x k] indicator the other way round, a skinny output, ran four times slower on CPU)
+            self.class_indicator_t = torch.nn.functional.one_hot(owner, self.n_subspace_classes).float().T.contiguous()
 
     def _squeeze_a(self, x: torch.Tensor) -> torch.Tensor:
         """Bit depth (images) or a fine per-feature grid (tabular); gradients pass straight through."""
@@ -302,7 +304,9 @@ class FeatureExtractor:
         if record_probs is not None:
             have = torch.isfinite(record_probs).all(dim=1, keepdim=True)
             answer = torch.where(have, torch.nan_to_num(record_probs), p)
-        pred = p.argmax(1)
+        # the class the model answers, from its logits: the same as from its probabilities, and a contiguous
+        # [n x k] (``p`` is a view of the transposed softmax, where an argmax cost seven times as much)
+        pred = logits.argmax(1)
         top2 = logits.topk(2, dim=1).values
         diff = logits - self.logit_means[pred]
         maha = ((diff @ self.logit_prec) * diff).sum(1)
@@ -365,7 +369,8 @@ class FeatureExtractor:
             zero = torch.zeros(n, device=pred.device)
             return zero, zero
         hw = hidden_all[:n].float() @ self.hidden_whitening
-        d2 = (hw.pow(2).sum(1, keepdim=True) - 2 * hw @ self.hidden_means.T
+        # the cross term as [k x h] times hw's transpose, not hw times [h x k]: a skinny output, twice as slow
+        d2 = (hw.pow(2).sum(1, keepdim=True) - 2 * (self.hidden_means @ hw.T).T
               + self.hidden_means.pow(2).sum(1)).clamp_min(0)  # [n, k] squared Mahalanobis to every class mean
         own = d2.gather(1, pred[:, None])[:, 0]
         return torch.log1p(own), torch.log1p(own - d2.amin(1))
@@ -382,7 +387,7 @@ class FeatureExtractor:
             zero = torch.zeros(len(xs), device=xs.device)
             return zero, zero
         both = torch.addmm(self.class_bias, xs, self.class_weights)
-        inside = both[:, k:].square() @ self.class_indicator  # [n, k] squared length inside each subspace
+        inside = (self.class_indicator_t @ both[:, k:].square().T).T  # [n, k] squared length inside each subspace
         resid = torch.log1p((both[:, :k] + xs.square().sum(1, keepdim=True) - inside).clamp_min(0))  # [n, k]
         own = resid.gather(1, pred[:, None])[:, 0]
         return own, own - resid.amin(1)
