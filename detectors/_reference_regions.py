@@ -77,7 +77,7 @@ class ReferenceCover:
     def __post_init__(self) -> None:
         self._c = torch.as_tensor(self.centroids, dtype=torch.float32, device=self.device)
         self._c_sq = (self._c * self._c).sum(1)
-        self._t = None if self.whitening is None else self.whitening.tensors(self.device)
+        self._whiten = None if self.whitening is None else self.whitening.on(self.device)
 
     @classmethod
     def fit(cls, reference: ReferenceData, *, centroids: int, cover_rank: int, rate: float, seed: int,
@@ -154,8 +154,8 @@ class ReferenceCover:
     def beyond(self, x: torch.Tensor, x_sq: torch.Tensor, labels: np.ndarray) -> np.ndarray:
         """Per query (``x_sq``: its squared norm), whether it lies beyond its class's off-reference radius."""
         z, z_sq = x, x_sq
-        if self._t is not None:
-            z = Whitening.apply(x, *self._t)
+        if self._whiten is not None:
+            z = self._whiten(x)
             z_sq = (z * z).sum(1)
         d2c = (z_sq[:, None] + self._c_sq[None, :]).sub_(z @ self._c.T, alpha=2)
         return torch.sqrt(d2c.amin(1).clamp_min_(0)).cpu().numpy() > self.radius_for(labels)

@@ -83,7 +83,7 @@ from agent.records import InferenceBatch
 from agent.reference import ReferenceData
 from detectors._client_slots import ClientSlots, EvictionAlarm, group_ranks
 from detectors._conformal import ConformalCalibrator
-from detectors._whitening import Whitening
+from detectors._whitening import Whitening, WhiteningOp
 from detectors.base import Detector, DetectorOptions
 
 _COVARIATE = {"covariate": "inputs less like the reference data", "covariate_low": "inputs more uniform / "
@@ -286,13 +286,13 @@ class DriftVAE(Detector):
         """Squared Mahalanobis distance per row to the reference (shrunk covariance); one torch call."""
         with torch.no_grad():
             x = torch.as_tensor(np.asarray(X, dtype=np.float32), device=self.context.device)
-            z = Whitening.apply(x, *self._gaussian_t())
+            z = self._gaussian_op()(x)
             return z.pow(2).sum(1).double().cpu().numpy()
 
-    def _gaussian_t(self) -> tuple[torch.Tensor, ...]:
+    def _gaussian_op(self) -> WhiteningOp:
         cache = self.__dict__.setdefault("_tensor_cache", {})
         if "gaussian" not in cache:
-            cache["gaussian"] = self.gaussian.tensors(self.context.device)
+            cache["gaussian"] = self.gaussian.on(self.context.device)
         return cache["gaussian"]
 
     def _t(self, attr: str) -> torch.Tensor:

@@ -13,7 +13,8 @@ from detectors._whitening import Whitening
 
 def test_whitening_is_the_inverse_square_root_of_the_shrunk_covariance(tmp_path) -> None:
     """Exact when ``rank`` covers every feature; beyond it, the other directions share one scale that brings
-    their mean variance to 1. Numpy and torch agree, and the map survives an artifact round trip."""
+    their mean variance to 1. Numpy and torch (its dense and its low-rank form) agree, and the map survives an
+    artifact round trip."""
     ds = load("digits")
     X = ds.X_train.astype(np.float64)
     cov = LedoitWolf().fit(X).covariance_
@@ -26,8 +27,9 @@ def test_whitening_is_the_inverse_square_root_of_the_shrunk_covariance(tmp_path)
             rest = np.eye(64) - w.basis @ w.basis.T
             assert abs(np.trace(rest @ S) / (64 - rank) - 1.0) < 1e-6
         z = w.apply_np(ds.X_test)
-        np.testing.assert_allclose(Whitening.apply(torch.as_tensor(ds.X_test), *w.tensors(torch.device("cpu"))).numpy(),
-                                   z, rtol=1e-4, atol=1e-4)
+        op = w.on(torch.device("cpu"))
+        assert (op.dense is not None) == (rank == 64)  # full rank: one dense product; low rank: two thin ones
+        np.testing.assert_allclose(op(torch.as_tensor(ds.X_test)).numpy(), z, rtol=1e-4, atol=1e-4)
         save_tree(tmp_path / "w.npz", w.to_tree())
         np.testing.assert_allclose(Whitening.from_tree(load_tree(tmp_path / "w.npz")).apply_np(ds.X_test), z)
 
