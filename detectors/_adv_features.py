@@ -232,11 +232,11 @@ class FeatureExtractor:
             means, basis = t(spec.class_means), t(spec.class_basis)
             owner = torch.as_tensor(spec.class_of_direction, device=device).long()
             # one fused product for features 17-18: [-2 x class means | every class's directions], plus as bias
-            # [|mean|^2 | -(each direction's class mean projected on it)]; a [R, k] indicator sums per class
+            # [|mean|^2 | -(each direction's class mean projected on it)]; a [k, R] indicator sums per class
             self.class_weights = torch.cat([-2 * means.T, basis], dim=1).contiguous()
             self.class_bias = torch.cat([means.pow(2).sum(1), -(means[owner] * basis.T).sum(1)])
-            # [k, R]: each class's sum over its directions as [k x R] times the squares' transpose (the product
-            # with the [R x k] indicator the other way round, a skinny output, ran four times slower on CPU)
+            # as [k x R] times the squares' transpose: the product the other way round ([n x R] times [R x k], a
+            # skinny output) ran three times slower on CPU (121 against 40 us for the bench's batch of 512)
             self.class_indicator_t = torch.nn.functional.one_hot(owner, self.n_subspace_classes).float().T.contiguous()
 
     def _squeeze_a(self, x: torch.Tensor) -> torch.Tensor:
